@@ -1,0 +1,1 @@
+"""autocompress.search."""

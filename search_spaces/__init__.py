@@ -1,0 +1,1 @@
+"""Built-in search spaces, shipped as YAML package data."""
