@@ -200,7 +200,7 @@ def read_documents(spec: str) -> list[str]:
 
 def load_tokens(spec: str, tokenizer, split: Split | str = Split.EVALUATION, max_tokens: int | None = None,
                 start: int = 0) -> TokenStream:
-    """Tokenize one split of a corpus into a single stream, documents separated by EOS.
+    """Tokenize one split of a corpus into a single stream, documents separated by a blank line.
 
     ``start`` skips that many tokens of the split first, so disjoint samples of one split
     can be drawn (``start=0`` and ``start=n`` with ``max_tokens=n`` never overlap).
@@ -208,13 +208,14 @@ def load_tokens(spec: str, tokenizer, split: Split | str = Split.EVALUATION, max
     """
     split = Split(split)
     documents = [doc for doc in read_documents(spec) if split_of(doc) is split]
-    separator = tokenizer.eos_token_id
+    # Documents are joined by a blank line, as in ordinary text. (An EOS token would do, but
+    # in chat-tuned models EOS ends a turn, and the text after it reads as out of place.)
+    separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     wanted = None if max_tokens is None else start + max_tokens
     pieces, count, used = [], 0, 0
     for doc in documents:
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-        if separator is not None:
-            ids = ids + [separator]
+        ids = ids + separator
         pieces.append(torch.tensor(ids, dtype=torch.long))
         count += len(ids)
         used += 1
