@@ -246,6 +246,23 @@ class LoadedModel:
         return adapter_for(self.model)
 
 
+def _require_hub(spec: str, timeout: float = 3.0) -> None:
+    """Fail fast, in one line, when the hub cannot be reached (instead of minutes of retries)."""
+    import socket  # noqa: PLC0415
+    from urllib.parse import urlparse  # noqa: PLC0415
+
+    from huggingface_hub import constants  # noqa: PLC0415
+
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"cannot load hub model {spec!r}: the hub is switched off (HF_HUB_OFFLINE is set)")
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        raise UserError(f"cannot load hub model {spec!r}: the hub ({endpoint.hostname}) is not reachable; "
+                        "give a local directory, a .gguf file or an alias instead") from None
+
+
 def _from_pretrained(location: str, gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -284,7 +301,11 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_co
         kind, location, gguf_file = "directory", str(path), None
     elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model path {spec!r} is neither a model directory nor a .gguf file")
+    elif "/" not in spec:
+        raise UserError(f"unknown model {spec!r}: not a file or directory, and not an alias "
+                        f"({', '.join(ALIASES)}); a hub id looks like ORG/NAME")
     else:
+        _require_hub(spec)
         kind, location, gguf_file = "hub", spec, None
     try:
         model, tokenizer = _from_pretrained(location, gguf_file, dtype, trust_remote_code)
