@@ -1,0 +1,233 @@
+"""Apply a Schedule to a model: prune, then quantize, calibrated block by block.
+
+Calibration is sequential, like Wanda and GPTQ: block i sees the outputs of the already
+compressed blocks 0..i-1, so each block's statistics describe the inputs it will really get.
+Work is in place, so peak memory stays near one model copy plus one block's activations.
+
+:func:`compress_block` is the same operator on a *copy* of one block, for the profiler.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..models import FamilyAdapter, HeadLayout, adapter_for, config_head_dim
+from ..progress import progress_bar
+from ..schedule import Choice, PruneScore, QuantMethod, Schedule, SparsityPattern
+from .calibrate import BlockInputs, LinearStats, capture_block_inputs, collect_stats, run_block, token_batch
+from .gptq import gptq_quantize
+from .prune import (channel_scores, drop_blocks, head_group_scores, keep_top, kept_channels, kept_heads,
+                    prune_channels, prune_heads, set_submodule, sparsity_mask, weight_scores)
+from .quantize import QuantLinear, quantize_rtn
+from .storage import round_to_storage
+
+
+class DroppedBlock(nn.Module):
+    """Stands in for a removed decoder block: returns its input hidden states unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Identity on the residual stream."""
+        return hidden_states
+
+
+def block_head_layout(block: nn.Module, adapter: FamilyAdapter, config) -> HeadLayout:
+    """The head layout of ``block`` read from its weight shapes (pruning included)."""
+    head_dim = config_head_dim(config)
+    linears = adapter.block_linears(block)
+    num_heads = linears["o"].in_features // head_dim
+    if "k" in linears:
+        num_kv = linears["k"].out_features // head_dim
+    else:
+        num_kv = (linears["qkv"].out_features - linears["o"].in_features) // (2 * head_dim)
+    return HeadLayout(num_heads, num_kv, head_dim)
+
+
+def _needs_norms(choice: Choice, linear_choices: dict[str, Choice]) -> bool:
+    structural = (choice.head_ratio > 0 or choice.channel_ratio > 0) and choice.score is PruneScore.WANDA
+    return structural or any(c.pattern is not SparsityPattern.NONE and c.score is PruneScore.WANDA
+                             for c in linear_choices.values())
+
+
+def _gptq_paths(linear_choices: dict[str, Choice]) -> set[str]:
+    return {path for path, c in linear_choices.items() if c.quantized and c.method is QuantMethod.GPTQ}
+
+
+def needs_calibration(choice: Choice, linear_choices: dict[str, Choice]) -> bool:
+    """Whether compressing a block with these choices needs activation statistics."""
+    return not choice.drop and (_needs_norms(choice, linear_choices) or bool(_gptq_paths(linear_choices)))
+
+
+def compress_linear(module: nn.Linear, choice: Choice, stats: LinearStats | None) -> nn.Module:
+    """Prune (mask) then quantize one linear layer; returns the module to put in its place."""
+    mask = None
+    if choice.pattern is not SparsityPattern.NONE:
+        sqnorm = stats.sqnorm if stats is not None else None
+        mask = sparsity_mask(weight_scores(module.weight, sqnorm, choice.score), choice.pattern, choice.sparsity)
+        module.weight.data.masked_fill_(mask, 0.0)
+    if not choice.quantized:
+        return module
+    if choice.method is QuantMethod.GPTQ:
+        if stats is None or stats.hessian is None:
+            raise ValueError("GPTQ needs the layer's Hessian from calibration")
+        q = gptq_quantize(module.weight, stats.hessian, choice.bits, choice.group_size,
+                          act_order=choice.act_order, mask=mask)
+    else:
+        q = quantize_rtn(module.weight, choice.bits, choice.group_size, mask)
+    return QuantLinear.from_quantized(q, module.bias)
+
+
+@torch.no_grad()
+def compress_block_(block: nn.Module, model: nn.Module, choice: Choice, inputs: BlockInputs | None, *,
+                    linear_choices: dict[str, Choice] | None = None, batch_size: int = 8) -> nn.Module:
+    """Compress ``block`` in place (structure first, then masks, then codes); returns it.
+
+    A dropped block returns a :class:`DroppedBlock`. ``linear_choices`` (path inside the
+    block -> choice) overrides ``choice`` for single linears. ``inputs`` may be None when
+    nothing needs activation statistics.
+    """
+    if choice.drop:
+        return DroppedBlock()
+    adapter = adapter_for(model)
+    linear_choices = {path: (linear_choices or {}).get(path, choice) for path in adapter.linears.values()}
+    gptq_paths = _gptq_paths(linear_choices)
+    stats: dict[str, LinearStats] = {}
+    if _needs_norms(choice, linear_choices) or gptq_paths:
+        if inputs is None:
+            raise ValueError("this choice needs calibration inputs (Wanda scores or GPTQ Hessians)")
+        modules = {path: block.get_submodule(path) for path in adapter.linears.values()}
+        stats = collect_stats(block, inputs, modules, gptq_paths, batch_size=batch_size)
+
+    o_path, down_path = adapter.linears["o"], adapter.linears["down"]
+    if choice.head_ratio > 0:
+        layout = block_head_layout(block, adapter, model.config)
+        target = kept_heads(layout, choice.head_ratio)
+        if target.num_kv_heads < layout.num_kv_heads:
+            o_stats = stats.get(o_path)
+            scores = head_group_scores(block.get_submodule(o_path).weight, o_stats.sqnorm if o_stats else None,
+                                       layout, choice.score)
+            cols = prune_heads(block, adapter, layout, keep_top(scores, target.num_kv_heads))
+            if o_stats is not None:
+                stats[o_path] = o_stats.select(cols)
+    if choice.channel_ratio > 0:
+        channels = adapter.mlp_channels(block)
+        keep_count = kept_channels(channels, choice.channel_ratio)
+        if keep_count < channels:
+            down_stats = stats.get(down_path)
+            scores = channel_scores(block.get_submodule(down_path).weight,
+                                    down_stats.sqnorm if down_stats else None, choice.score)
+            keep = keep_top(scores, keep_count)
+            prune_channels(block, adapter, keep)
+            if down_stats is not None:
+                stats[down_path] = down_stats.select(keep)
+
+    for path, linear_choice in linear_choices.items():
+        new = compress_linear(block.get_submodule(path), linear_choice, stats.get(path))
+        set_submodule(block, path, new)
+    round_to_storage(block)
+    return block
+
+
+def compress_block(block: nn.Module, block_index: int, model: nn.Module, choice: Choice,
+                   block_inputs: torch.Tensor | BlockInputs | None = None, *,
+                   linear_choices: dict[str, Choice] | None = None, batch_size: int = 8,
+                   **forward_kwargs) -> nn.Module:
+    """A compressed copy of one decoder block; ``block`` itself is untouched.
+
+    ``block_inputs`` are the block's cached input hidden states [n, seq, hidden] (or a
+    :class:`BlockInputs` from :func:`capture_block_inputs`, which carries the kwargs), and
+    ``forward_kwargs`` the other arguments the block's forward needs (attention mask,
+    position embeddings...). Inputs are needed only for Wanda scores and GPTQ.
+
+    Example::
+
+        inputs = capture_block_inputs(model, tokens)
+        q4 = compress_block(blocks[0], 0, model, Choice(bits=4, method=QuantMethod.GPTQ), inputs)
+        q4_out = run_block(q4, inputs)
+    """
+    del block_index  # the shapes of the block itself are the truth; kept for a stable signature
+    if isinstance(block_inputs, torch.Tensor):
+        block_inputs = BlockInputs(block_inputs, dict(forward_kwargs))
+    elif block_inputs is not None and forward_kwargs:
+        block_inputs = BlockInputs(block_inputs.hidden, {**block_inputs.kwargs, **forward_kwargs})
+    if choice.drop:
+        return DroppedBlock()
+    return compress_block_(copy.deepcopy(block), model, choice, block_inputs,
+                           linear_choices=linear_choices, batch_size=batch_size)
+
+
+def _as_token_batch(calibration_tokens, seq_len: int) -> torch.Tensor | None:
+    if calibration_tokens is None:
+        return None
+    tokens = getattr(calibration_tokens, "tokens", calibration_tokens)
+    return tokens if tokens.dim() == 2 else token_batch(tokens, seq_len)
+
+
+@torch.no_grad()
+def apply(model: nn.Module, schedule: Schedule, calibration_tokens=None, *, progress: bool = True,
+          seq_len: int = 512, batch_size: int = 8, fingerprint: str | None = None) -> nn.Module:
+    """Compress ``model`` in place as ``schedule`` says; returns it.
+
+    ``calibration_tokens`` is a LongTensor [n, seq], a 1-D stream (cut into ``seq_len``
+    rows) or a :class:`~autocompress.data.TokenStream`; it may be None when no choice needs
+    statistics (RTN, magnitude pruning). Blocks are pruned, then quantized, one at a time; the
+    next block is calibrated on the compressed block's outputs. Everything not quantized ends
+    up rounded to its 16-bit storage type, so the in-memory model equals its saved form.
+
+    Example::
+
+        schedule = Schedule.uniform(model, Choice(bits=4, group_size=128, method=QuantMethod.GPTQ))
+        apply(model, schedule, load_tokens("stdlib-docs", tokenizer).tokens)
+    """
+    schedule.validate(model, fingerprint=fingerprint)
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    paths = list(adapter.linears.values())
+    plans = [schedule.block_plan(adapter.blocks_path, i, paths) for i in range(len(blocks))]
+    head_choice = schedule.units.get(adapter.lm_head)
+    head_gptq = head_choice is not None and head_choice.quantized and head_choice.method is QuantMethod.GPTQ
+    needed = [i for i, (choice, linears) in enumerate(plans) if needs_calibration(choice, linears)]
+    last_needed = len(blocks) if head_gptq else (max(needed) if needed else -1)
+    tokens = _as_token_batch(calibration_tokens, seq_len)
+    if last_needed >= 0 and tokens is None:
+        raise ValueError("this schedule needs calibration tokens (Wanda scores or GPTQ Hessians)")
+    inputs = capture_block_inputs(model, tokens, batch_size=batch_size) if last_needed >= 0 else None
+
+    dropped = []
+    with progress_bar("compressing blocks", len(blocks), progress) as advance:
+        for index in range(len(blocks)):
+            choice, linears = plans[index]
+            block = compress_block_(blocks[index], model, choice, inputs if index <= last_needed else None,
+                                    linear_choices=linears, batch_size=batch_size)
+            if choice.drop:
+                dropped.append(index)
+            elif index < last_needed:
+                inputs = inputs.with_hidden(run_block(block, inputs, batch_size=batch_size))
+            advance()
+    if head_choice is not None:
+        _compress_head(model, adapter, head_choice, inputs if head_gptq else None, batch_size)
+    if dropped:
+        drop_blocks(model, dropped)
+    round_to_storage(model)
+    return model
+
+
+def _compress_head(model: nn.Module, adapter: FamilyAdapter, choice: Choice, inputs: BlockInputs | None,
+                   batch_size: int) -> None:
+    """Compress the output head; a tied head gets its own copy (the embedding stays 16-bit)."""
+    head = model.get_submodule(adapter.lm_head)
+    untied = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=head.weight.dtype)
+    untied.weight.data.copy_(head.weight.detach())
+    if head.bias is not None:
+        untied.bias.data.copy_(head.bias.detach())
+    stats = None
+    if inputs is not None or _needs_norms(choice, {"head": choice}):
+        if inputs is None:
+            raise ValueError("pruning the output head with Wanda scores needs calibration tokens")
+        norm = model.get_submodule(adapter.final_norm)
+        final = BlockInputs(run_block(norm, BlockInputs(inputs.hidden), batch_size=batch_size))
+        stats = collect_stats(nn.Sequential(untied), final, {"0": untied},
+                              {"0"} if choice.method is QuantMethod.GPTQ else set(), batch_size=batch_size)["0"]
+    set_submodule(model, adapter.lm_head, compress_linear(untied, choice, stats))
+    model.config.tie_word_embeddings = False

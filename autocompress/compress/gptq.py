@@ -1,0 +1,113 @@
+"""GPTQ: quantize a weight column by column, compensating each column's error in the rest.
+
+For a layer with inputs X, the error ||W X - Q X||^2 has Hessian H = 2 X X^T. Quantizing
+column j moves the remaining columns by ``-(w_j - q_j) / [H^-1]_jj * [H^-1]_j,j+1:`` (the
+optimal-brain-surgeon update); with the upper Cholesky factor of H^-1 the updates of one
+column never need the inverse recomputed (Frantar et al., 2022). Updates are applied lazily
+per block of columns, so the O(N K^2) work is matrix-matrix.
+
+Groups: without act-order, a group's scale and zero are computed from the weights as GPTQ
+reaches the group's first column (already updated by earlier errors). With act-order the
+columns are visited by decreasing Hessian diagonal, but the packing format groups columns
+by their original index, so the groups' parameters are fixed up front from the original
+weights ("static groups").
+
+A pruning ``mask`` is honoured: pruned weights are quantized to exactly 0 and their error
+is compensated like any other (SparseGPT's update with a fixed mask).
+"""
+from __future__ import annotations
+
+import torch
+
+from autocompress.kernels import packing
+
+from .quantize import (SCALE_DTYPE, QuantizedWeight, dequantize_codes, effective_group_size, group_params,
+                       quantize_codes)
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, damping more if needed."""
+    k = hessian.shape[0]
+    mean_diag = hessian.diagonal().mean().clamp(min=1e-8)
+    for attempt in range(6):
+        h = hessian.clone()
+        h.diagonal().add_(damp * (10 ** attempt) * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(h)
+        if info.item() == 0:
+            inverse = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info.item() == 0:
+                return upper
+    raise RuntimeError(f"GPTQ: the Hessian ({k}x{k}) is not positive definite even with heavy damping")
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None, *,
+                  act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+                  mask: torch.Tensor | None = None) -> QuantizedWeight:
+    """GPTQ-quantize ``weight`` [N, K] given its input Hessian [K, K].
+
+    ``damp`` adds that fraction of the mean diagonal to H (stability); ``mask`` (bool [N, K],
+    True = pruned) forces those weights to exactly 0.
+    """
+    n, k = weight.shape
+    g = effective_group_size(group_size, k)
+    groups = packing.num_groups(k, g)
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    keep_mask = None if mask is None else ~mask
+    if keep_mask is not None:
+        w.mul_(keep_mask)
+    # Inputs that are always zero carry no information: fix their weights to 0.
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    scales = torch.empty(n, groups, dtype=SCALE_DTYPE, device=w.device)
+    zeros = torch.empty_like(scales)
+    include_zero = mask is not None
+    if act_order:
+        for index in range(groups):
+            cols = slice(index * g, min((index + 1) * g, k))
+            scales[:, index], zeros[:, index] = group_params(w[:, cols], bits, include_zero)
+        perm = torch.argsort(h.diagonal(), descending=True)
+    else:
+        perm = torch.arange(k, device=w.device)
+        # Blocks hold whole groups, so a group's parameters are taken from up-to-date columns.
+        block_size = max(block_size // g, 1) * g
+    inv_perm = torch.argsort(perm)
+    w, h = w[:, perm], h[perm][:, perm]
+    keep = keep_mask[:, perm] if keep_mask is not None else None
+    hinv = _inverse_cholesky(h, damp)
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    group_of = (perm // g)
+
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
+        w1 = w[:, start:end].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            group = int(group_of[col])
+            if not act_order and int(perm[col]) % g == 0:
+                part = w1[:, i:i + min(g, k - col)]
+                if keep is not None:
+                    part = part * keep[:, col:col + part.shape[1]]
+                params = group_params(part, bits, include_zero)
+                scales[:, group], zeros[:, group] = params
+            scale, zero = scales[:, group], zeros[:, group]
+            column = w1[:, i]
+            q = quantize_codes(column.unsqueeze(1), scale, zero, bits).squeeze(1)
+            if keep is not None:
+                # A pruned weight's code is the zero point, which dequantizes to exactly 0.
+                q = torch.where(keep[:, col], q, zero.float())
+            codes[:, col] = q.to(torch.uint8)
+            dq = dequantize_codes(q.unsqueeze(1), scale, zero).squeeze(1)
+            err = (column - dq) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, end:] -= err1 @ hinv[start:end, end:]
+
+    codes = codes[:, inv_perm]
+    return QuantizedWeight(packing.pack(codes, bits), scales, zeros, bits, g, k)
