@@ -1,0 +1,214 @@
+"""Search spaces: which choices each unit may take, read from YAML and validated strictly.
+
+A space file (``search_spaces/default.yaml`` and friends, or a user's own)::
+
+    name: default
+    granularity: block          # block | linear
+    group_size: 128             # null = per-channel
+    method: rtn                 # quantizer used while searching (rtn | gptq)
+    bits: [2, 3, 4, 8, 16]
+    sparsity: [0.5]             # unstructured ratios (Wanda scores)
+    two_four: true              # 2:4 sparsity as a choice
+    head_ratio: [0.25, 0.5]     # share of KV groups (with their query heads) removed
+    channel_ratio: [0.25, 0.5]  # share of MLP channels removed
+    drop: true                  # whole block may be removed
+    tie: [[q, k, v], [gate, up]]   # linear granularity: roles sharing one bit width
+    frozen: [model.layers.0]    # units kept as they are (regex with a 're:' prefix)
+
+The profile measures every *single-axis* choice of the space (:meth:`SearchSpace.probe_choices`);
+the search combines one bit width with at most one pruning choice per unit.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+from ..schedule import ALLOWED_BITS, Choice, QuantMethod, SparsityPattern
+
+
+class Granularity(str, Enum):
+    """What a unit is: a whole decoder block or a single linear layer."""
+
+    BLOCK = "block"
+    LINEAR = "linear"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated search space (see the module docstring for the YAML form)."""
+
+    name: str
+    granularity: Granularity = Granularity.BLOCK
+    group_size: int | None = 128
+    method: QuantMethod = QuantMethod.RTN
+    bits: tuple[int, ...] = (2, 3, 4, 8, 16)
+    sparsity: tuple[float, ...] = ()
+    two_four: bool = False
+    head_ratio: tuple[float, ...] = ()
+    channel_ratio: tuple[float, ...] = ()
+    drop: bool = False
+    tie: tuple[tuple[str, ...], ...] = ()
+    frozen: tuple[str, ...] = ()
+    description: str = ""
+    source: str = field(default="", compare=False)
+
+    def quant_choice(self, bits: int) -> Choice:
+        """The choice that quantizes to ``bits`` with the space's group size and method."""
+        return Choice(bits=bits, group_size=self.group_size, method=self.method)
+
+    def prune_choices(self) -> list[tuple[str, Choice]]:
+        """Every pruning choice of the space, labelled (``sparsity=0.5``, ``2:4``, ``heads=0.25``...)."""
+        out = [(f"sparsity={r:g}", Choice(sparsity=r, pattern=SparsityPattern.UNSTRUCTURED)) for r in self.sparsity]
+        if self.two_four:
+            out.append(("2:4", Choice(sparsity=0.5, pattern=SparsityPattern.TWO_FOUR)))
+        if self.granularity is Granularity.BLOCK:
+            out += [(f"heads={r:g}", Choice(head_ratio=r)) for r in self.head_ratio]
+            out += [(f"channels={r:g}", Choice(channel_ratio=r)) for r in self.channel_ratio]
+            if self.drop:
+                out.append(("drop", Choice(drop=True)))
+        return out
+
+    def probe_choices(self) -> list[tuple[str, Choice]]:
+        """Single-axis choices a profile measures: each bit width below 16, each pruning choice."""
+        quant = [(f"bits={b}", self.quant_choice(b)) for b in self.bits if b < 16]
+        return quant + self.prune_choices()
+
+    def is_frozen(self, unit: str) -> bool:
+        """Whether ``unit`` is kept as it is by this space."""
+        for pattern in self.frozen:
+            if pattern.startswith("re:"):
+                if re.fullmatch(pattern[3:], unit):
+                    return True
+            elif unit == pattern:
+                return True
+        return False
+
+    def units(self, model) -> list[str]:
+        """The searchable units of ``model`` under this space's granularity, frozen ones left out."""
+        from ..models import adapter_for  # noqa: PLC0415
+
+        adapter = adapter_for(model)
+        names = []
+        for index, _ in enumerate(adapter.blocks(model)):
+            block = f"{adapter.blocks_path}.{index}"
+            if self.granularity is Granularity.BLOCK:
+                names.append(block)
+            else:
+                names += [f"{block}.{path}" for path in adapter.linears.values()]
+        return [name for name in names if not self.is_frozen(name)]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-dict form (used for fingerprints and artifacts)."""
+        return {"name": self.name, "granularity": self.granularity.value, "group_size": self.group_size,
+                "method": self.method.value, "bits": list(self.bits), "sparsity": list(self.sparsity),
+                "two_four": self.two_four, "head_ratio": list(self.head_ratio),
+                "channel_ratio": list(self.channel_ratio), "drop": self.drop,
+                "tie": [list(t) for t in self.tie], "frozen": list(self.frozen), "description": self.description}
+
+
+_KEYS = {"name", "granularity", "group_size", "method", "bits", "sparsity", "two_four", "head_ratio",
+         "channel_ratio", "drop", "tie", "frozen", "description"}
+_ROLES = {"q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up"}
+
+
+def _ratios(value: Any, where: str) -> tuple[float, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise UserError(f"{where}: expected a list of numbers in (0, 1), got {value!r}")
+    for v in value:
+        if not 0 < v < 1:
+            raise UserError(f"{where}: ratio {v} is outside (0, 1)")
+    return tuple(sorted(float(v) for v in value))
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
+    """Validate a parsed YAML mapping into a :class:`SearchSpace`; errors name file and field."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a search space must be a mapping of settings")
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise UserError(f"{source}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})")
+    where = lambda key: f"{source}: {key}"  # noqa: E731
+    name = data.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{where('name')}: expected a non-empty string")
+    try:
+        granularity = Granularity(data.get("granularity", "block"))
+    except ValueError:
+        raise UserError(f"{where('granularity')}: expected block or linear, got {data['granularity']!r}") from None
+    group_size = data.get("group_size", 128)
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise UserError(f"{where('group_size')}: expected a positive integer or null, got {group_size!r}")
+    try:
+        method = QuantMethod(data.get("method", "rtn"))
+    except ValueError:
+        raise UserError(f"{where('method')}: expected rtn or gptq, got {data['method']!r}") from None
+    bits = data.get("bits", [16])
+    if not isinstance(bits, list) or not bits or any(b not in ALLOWED_BITS or isinstance(b, bool) for b in bits):
+        raise UserError(f"{where('bits')}: expected a non-empty list drawn from {list(ALLOWED_BITS)}, got {bits!r}")
+    tie = data.get("tie", [])
+    if not isinstance(tie, list) or any(not isinstance(t, list) or not set(t) <= _ROLES or len(t) < 2 for t in tie):
+        raise UserError(f"{where('tie')}: expected lists of two or more roles from {sorted(_ROLES)}, got {tie!r}")
+    frozen = data.get("frozen", [])
+    if not isinstance(frozen, list) or not all(isinstance(f, str) for f in frozen):
+        raise UserError(f"{where('frozen')}: expected a list of unit names, got {frozen!r}")
+    for pattern in frozen:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise UserError(f"{where('frozen')}: bad regular expression {pattern!r} ({exc})") from None
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise UserError(f"{where('description')}: expected a string")
+    space = SearchSpace(
+        name=name, granularity=granularity, group_size=group_size, method=method,
+        bits=tuple(sorted(set(bits))), sparsity=_ratios(data.get("sparsity", []), where("sparsity")),
+        two_four=_flag(data.get("two_four", False), where("two_four")),
+        head_ratio=_ratios(data.get("head_ratio", []), where("head_ratio")),
+        channel_ratio=_ratios(data.get("channel_ratio", []), where("channel_ratio")),
+        drop=_flag(data.get("drop", False), where("drop")),
+        tie=tuple(tuple(t) for t in tie), frozen=tuple(frozen), description=description, source=source,
+    )
+    if space.granularity is Granularity.LINEAR and (space.head_ratio or space.channel_ratio or space.drop):
+        raise UserError(f"{source}: head_ratio, channel_ratio and drop need granularity: block")
+    if len(space.bits) == 1 and not space.prune_choices():
+        raise UserError(f"{source}: the space offers no choice (one bit width and no pruning)")
+    return space
+
+
+def builtin_spaces() -> list[str]:
+    """Names of the spaces shipped in ``search_spaces/``."""
+    root = importlib.resources.files("autocompress.search_spaces")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_space(spec: str) -> SearchSpace:
+    """A space by built-in name (``default``, ``quant-only``, ``prune-only``) or YAML path."""
+    path = Path(spec)
+    if spec.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise UserError(f"search space file {spec!r} not found")
+        text, source = path.read_text(), str(path)
+    elif spec in builtin_spaces():
+        text = (importlib.resources.files("autocompress.search_spaces") / f"{spec}.yaml").read_text()
+        source = f"{spec}.yaml"
+    else:
+        raise UserError(f"unknown search space {spec!r}: give a YAML file or one of {', '.join(builtin_spaces())}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return space_from_dict(data, source)
