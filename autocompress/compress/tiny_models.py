@@ -17,7 +17,8 @@ def tiny_config(family: str, *, hidden: int = 96, layers: int = 3, vocab: int = 
     """A transformers config of ``family`` with ``hidden`` width (4 heads of hidden/4, GQA 2 where possible)."""
     from transformers import GPT2Config, LlamaConfig, OPTConfig, Phi3Config, Qwen2Config  # noqa: PLC0415
 
-    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4)
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  bos_token_id=1, eos_token_id=2)
     if family == "llama":
         return LlamaConfig(**common, num_key_value_heads=2, intermediate_size=intermediate, tie_word_embeddings=True)
     if family == "qwen2":
@@ -27,7 +28,7 @@ def tiny_config(family: str, *, hidden: int = 96, layers: int = 3, vocab: int = 
                           tie_word_embeddings=False)
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
-                          n_inner=intermediate)
+                          n_inner=intermediate, bos_token_id=1, eos_token_id=2)
     if family == "opt":
         return OPTConfig(**common, ffn_dim=intermediate, max_position_embeddings=128, word_embed_proj_dim=hidden,
                          pad_token_id=1)
