@@ -23,20 +23,11 @@ from .sensitivity import LossTable
 
 
 def candidate_choices(space, unit_is_block: bool = True) -> list[Choice]:
-    """Every choice a unit may take in ``space``: each bit width alone or with one pruning choice."""
-    out = []
-    prunes = [c for _, c in space.prune_choices() if unit_is_block or not c.structural]
-    for bits in space.bits:
-        quant = space.quant_choice(bits) if bits < 16 else Choice()
-        out.append(quant)
-        for prune in prunes:
-            if prune.drop:
-                continue
-            out.append(dataclasses.replace(quant, sparsity=prune.sparsity, pattern=prune.pattern,
-                                           head_ratio=prune.head_ratio, channel_ratio=prune.channel_ratio))
-    if unit_is_block and space.drop:
-        out.append(Choice(drop=True))
-    return out
+    """Every choice a unit may take in ``space``: the search's options (each bit width alone or
+    with one pruning choice, or ``drop``), structural ones only for blocks."""
+    from ..search.decisions import space_options  # noqa: PLC0415
+
+    return [o.choice for o in space_options(space) if unit_is_block or not o.choice.structural]
 
 
 def snap(choice: Choice, candidates: list[Choice]) -> Choice:
@@ -52,6 +43,9 @@ def snap(choice: Choice, candidates: list[Choice]) -> Choice:
 
 
 def _describe_budget(budget) -> str:
+    specs = getattr(budget, "specs", None)
+    if specs:
+        return ",".join(specs)
     for attr in ("describe", "label"):
         value = getattr(budget, attr, None)
         if value is not None:
@@ -59,94 +53,97 @@ def _describe_budget(budget) -> str:
     return str(budget)
 
 
-def _budget_violation(budget, schedule: Schedule) -> str:
-    violations = getattr(budget, "violations", None)
-    if callable(violations):
-        found = violations(schedule)
-        if isinstance(found, dict):
-            return "; ".join(f"{k}: {v}" for k, v in found.items())
-        return "; ".join(str(v) for v in found) if not isinstance(found, str) else found
+def _budget_figures(budget, schedule: Schedule) -> str:
+    """The schedule's figures against each limit, when the budget can say them."""
+    limits, evaluate = getattr(budget, "limits", None), getattr(budget, "evaluate", None)
+    if limits and callable(evaluate):
+        figures = evaluate(schedule)
+        return ", ".join(f"{limit.kind}={limit.describe(figures[limit.figure])} (limit {limit.describe(limit.value)})"
+                         for limit in limits)
     return f"does not fit {_describe_budget(budget)}"
 
 
-def repair(schedule: Schedule, model, budget, space, losses: LossTable, *, units: list[str] | None = None,
-           memory=None) -> Schedule:
-    """``schedule`` changed unit by unit until ``budget.fits`` it and no improving change fits.
+def repair(schedule: Schedule, model, budget, space, losses: LossTable, *, memory=None) -> Schedule:
+    """``schedule`` changed slot by slot until ``budget.fits`` it and no improving change fits.
 
-    ``units`` are the units repair may change (default: the space's units of ``model``); the
-    others keep the schedule's choice. ``losses`` prices each (unit, choice). Raises
-    :class:`UserError` when even the smallest choice of every unit does not fit.
+    The slots are the search's (:func:`~autocompress.search.decisions.build_slots`: one per
+    unit, or per group of linears tied by the space); units outside them keep the schedule's
+    choice. ``losses`` prices each (unit, choice). Raises :class:`UserError` when even the
+    smallest option of every slot does not fit.
     """
     from ..compress.memory import MemoryModel, unit_bytes  # noqa: PLC0415
+    from ..search.decisions import build_slots  # noqa: PLC0415
 
     memory = memory or MemoryModel.from_model(model)
-    units = units if units is not None else space.units(model)
+    slots = build_slots(space, model)
     block_units = {f"{memory.blocks_path}.{i}" for i in range(len(memory.blocks))}
-    candidates = {u: candidate_choices(space, u in block_units) for u in units}
-    current = dict(schedule.units)
-    for u in units:
-        current[u] = snap(current.get(u, Choice()), candidates[u])
+    candidates = {s.name: [o.choice for o in s.options if s.members[0] in block_units or not o.choice.structural]
+                  for s in slots}
+    members = {s.name: s.members for s in slots}
+    current = {s.name: snap(schedule.units.get(s.members[0], Choice()), candidates[s.name]) for s in slots}
+    cost, loss = {}, {}
+    for name, options in candidates.items():
+        for c in options:
+            cost[name, c] = sum(unit_bytes(memory, u, c) for u in members[name])
+            loss[name, c] = sum(losses.loss(u, c) for u in members[name])
 
-    cost = {}
-    loss = {}
-    for u in units:
-        for c in candidates[u]:
-            cost[u, c] = unit_bytes(memory, u, c)
-            loss[u, c] = losses.loss(u, c)
+    in_slots = {u for m in members.values() for u in m}
 
-    def build() -> Schedule:
-        return dataclasses.replace(schedule, units={k: v for k, v in current.items() if v != Choice()
-                                                    or k not in units})
+    def build(picks: dict[str, Choice]) -> Schedule:
+        units = {k: v for k, v in schedule.units.items() if k not in in_slots}
+        for name, choice in picks.items():
+            if choice != Choice() and (choice.quantized or choice.structural or choice.sparsity > 0):
+                units.update({u: choice for u in members[name]})
+        return dataclasses.replace(schedule, units=units)
 
     def kept_blocks() -> int:
-        return sum(1 for b in block_units if not current.get(b, Choice()).drop)
+        return sum(1 for name, c in current.items() if name in block_units and not c.drop)
 
-    smallest = dict(current)
-    for u in units:
-        smallest[u] = min(candidates[u], key=lambda c: (cost[u, c], loss[u, c]))
-    if block_units and all(smallest.get(b, Choice()).drop for b in block_units):
-        keep = min(block_units & set(units), key=lambda b: min(cost[b, c] for c in candidates[b] if not c.drop))
+    smallest = {name: min(options, key=lambda c, n=name: (cost[n, c], loss[n, c])) for name, options in candidates.items()}
+    block_slots = [n for n in smallest if n in block_units]
+    if block_slots and len(block_slots) == len(block_units) and all(smallest[b].drop for b in block_slots):
+        keep = min(block_slots, key=lambda b: min(cost[b, c] for c in candidates[b] if not c.drop))
         smallest[keep] = min((c for c in candidates[keep] if not c.drop), key=lambda c: cost[keep, c])
-    floor = dataclasses.replace(schedule, units=smallest)
+    floor = build(smallest)
     if not budget.fits(floor):
         raise UserError(f"budget {_describe_budget(budget)} is below the minimum this search space reaches on "
-                        f"this model (smallest choice everywhere: {_budget_violation(budget, floor)}); "
+                        f"this model (smallest option everywhere: {_budget_figures(budget, floor)}); "
                         f"raise the budget or allow smaller choices")
 
-    while not budget.fits(build()):
+    while not budget.fits(build(current)):
         best = None
-        for u in units:
-            now = current[u]
-            for c in candidates[u]:
-                saved = cost[u, now] - cost[u, c]
+        for name, options in candidates.items():
+            now = current[name]
+            for c in options:
+                saved = cost[name, now] - cost[name, c]
                 if saved <= 0 or (c.drop and not now.drop and kept_blocks() <= 1):
                     continue
-                ratio = (loss[u, c] - loss[u, now]) / saved
+                ratio = (loss[name, c] - loss[name, now]) / saved
                 if best is None or ratio < best[0]:
-                    best = (ratio, u, c)
+                    best = (ratio, name, c)
         if best is None:  # cannot happen after the floor check, but never loop forever
             raise UserError(f"cannot bring the schedule within {_describe_budget(budget)}")
         current[best[1]] = best[2]
 
     while True:
         moves = []
-        for u in units:
-            now = current[u]
-            for c in candidates[u]:
-                spent = cost[u, c] - cost[u, now]
-                gain = loss[u, now] - loss[u, c]
+        for name, options in candidates.items():
+            now = current[name]
+            for c in options:
+                spent = cost[name, c] - cost[name, now]
+                gain = loss[name, now] - loss[name, c]
                 if gain > 0:
-                    moves.append((gain / spent if spent > 0 else float("inf"), spent, u, c))
+                    moves.append((gain / spent if spent > 0 else float("inf"), spent, name, c))
         moves.sort(key=lambda m: (-m[0], m[1]))
-        for _, _, u, c in moves:
-            before = current[u]
-            current[u] = c
-            if budget.fits(build()):
+        for _, _, name, c in moves:
+            before = current[name]
+            current[name] = c
+            if budget.fits(build(current)):
                 break
-            current[u] = before
+            current[name] = before
         else:
             break
-    return build()
+    return build(current)
 
 
 def no_upgrade_fits(schedule: Schedule, budget, space, units: list[str]) -> bool:

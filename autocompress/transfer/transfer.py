@@ -166,7 +166,7 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
     draft = Schedule(fingerprint, {k: v for k, v in mapped.items() if v != Choice()})
     losses = losses_for(target_model, units, coordinates, profile=profile, source=source_schedule,
                         predictor=predictor, space=space, mapped=mapped)
-    repaired = repair(draft, target_model, budget, space, losses, units=units, memory=memory)
+    repaired = repair(draft, target_model, budget, space, losses, memory=memory)
     result = describe(repaired, target_model, profile)
     source_model = source_schedule.meta.get("source_model", {})
     meta = dict(result.meta)
