@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from autocompress.kernels import packing
+from autocompress.kernels import packing, quant_matmul
 
 # fp16 is the storage type of scales and zeros; quantizers compute with the rounded values
 # so what the kernel reconstructs is exactly what the quantizer (and GPTQ's error
@@ -108,15 +108,8 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None,
 
 
 def _quant_matmul(x, packed, scales, zeros, bits, group_size, in_features):
-    """Route to the shared kernels' quant_matmul (Triton on GPU, PyTorch on CPU)."""
-    from autocompress import kernels  # noqa: PLC0415
-
-    fused = getattr(kernels, "quant_matmul", None)
-    if fused is not None:
-        return fused(x, packed, scales, zeros, bits, group_size, in_features)
-    # Until the kernels land: the reference path (dequantize, then an ordinary matmul).
-    weight = packing.dequantize(packed, scales, zeros, bits, group_size, in_features, x.dtype)
-    return x @ weight.t()
+    """Route to the shared kernels' dispatcher (Triton on GPU, PyTorch reference on CPU)."""
+    return quant_matmul(x, packed, scales, zeros, bits, group_size, in_features)
 
 
 class QuantLinear(nn.Module):
