@@ -1,0 +1,62 @@
+"""``autocompress profile MODEL --data D --space S --out RUN``: measure sensitivity, proxies and roles."""
+from __future__ import annotations
+
+import argparse
+
+from .common import add_threads, add_trust_remote_code, positive_int
+
+
+def register(verbs) -> None:
+    """Add the ``profile`` sub-command."""
+    pr = verbs.add_parser("profile", help="per-unit sensitivity, cheap proxies and linguistic roles",
+                          description="Measure, for every unit of the search space and every single choice "
+                                      "(bit widths, sparsity, head/channel removal, dropping the block), the KL "
+                                      "to the original model's next-token distribution and the loss change; add "
+                                      "cheap proxies, the additivity check and the blocks' linguistic roles. "
+                                      "Writes RUN/profile.json, reused while model, data and space are unchanged.")
+    pr.add_argument("model", metavar="MODEL")
+    pr.add_argument("--data", default="stdlib-docs", help="calibration data spec (default: stdlib-docs)")
+    pr.add_argument("--space", default="default", help="search space: built-in name or YAML file (default: default)")
+    pr.add_argument("--out", required=True, metavar="RUN", help="run directory (profile.json goes there)")
+    pr.add_argument("--tokens", type=positive_int, default=2048, help="calibration tokens measured (default 2048)")
+    pr.add_argument("--seq-len", type=positive_int, default=256, help="tokens per calibration row (default 256)")
+    pr.add_argument("--granularity", choices=["block", "linear"], help="override the space's unit granularity")
+    pr.add_argument("--roles", action=argparse.BooleanOptionalAction, default=True,
+                    help="probe the blocks' linguistic roles (default: on)")
+    pr.add_argument("--role-tokens", type=positive_int, default=4096, help="tokens for the probes (default 4096)")
+    pr.add_argument("--proxies", action=argparse.BooleanOptionalAction, default=True,
+                    help="compute the cheap proxies and their correlations (default: on)")
+    pr.add_argument("--top", type=positive_int, default=5, help="units shown at each end of the ranking (default 5)")
+    pr.add_argument("--force", action="store_true", help="re-profile even if RUN/profile.json exists")
+    add_trust_remote_code(pr)
+    add_threads(pr)
+    pr.set_defaults(run=run)
+
+
+def run(args) -> int:
+    """Profile (or reuse the profile) and print the tables."""
+    from rich.console import Console  # noqa: PLC0415
+
+    from ..profile.run import ProfileSettings, profile_run  # noqa: PLC0415
+    from ..profile.tables import additivity_table, proxy_table, role_curve_table, sensitivity_table  # noqa: PLC0415
+
+    settings = ProfileSettings(tokens=args.tokens, seq_len=args.seq_len, roles=args.roles,
+                               role_tokens=args.role_tokens, proxies=args.proxies)
+    outcome = profile_run(args.model, args.out, data=args.data, space=args.space, granularity=args.granularity,
+                          settings=settings, force=args.force, trust_remote_code=args.trust_remote_code)
+    console = Console()
+    profile = outcome.profile
+    console.print(sensitivity_table(profile, args.top))
+    if profile.additivity:
+        console.print(additivity_table(profile))
+    if profile.proxy_spearman:
+        console.print(proxy_table(profile))
+    roles = role_curve_table(profile)
+    if roles is not None:
+        console.print(roles)
+    if outcome.reused:
+        console.print(f"reused {outcome.path} (model, data and space unchanged; --force to re-measure)")
+    else:
+        console.print(f"wrote {outcome.path} ({len(profile.units)} units x {len(profile.labels())} choices "
+                      f"on {profile.calibration_tokens} tokens in {profile.seconds:.0f} s)")
+    return 0

@@ -1,0 +1,326 @@
+"""The ``profile`` verb: measure every unit under every probe choice, add proxies and roles.
+
+:func:`profile_model` is the library function (a loaded model, a token stream, a search
+space -> :class:`~autocompress.profile.artifact.Profile`); :func:`profile_run` is the run
+directory wrapper the CLI calls: it loads everything from specs, reuses ``RUN/profile.json``
+when the model, data and space are unchanged, and refuses a mismatched one unless forced.
+
+Example::
+
+    loaded = load_model("smollm2-135m")
+    stream = load_tokens("stdlib-docs", loaded.tokenizer, "calibration", 4096)
+    profile = profile_model(loaded, stream, load_space("default"), ProfileSettings(tokens=2048))
+    profile.unit("model.layers.29").kl["bits=2"]
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..artifacts import fingerprint
+from ..compress.apply import DroppedBlock, compress_block
+from ..compress.calibrate import token_batch
+from ..errors import UserError
+from ..models import LoadedModel, adapter_for, model_fingerprint
+from ..progress import progress_bar
+from ..schedule import Choice
+from ..search.space import Granularity, SearchSpace
+from .additivity import additivity_check
+from .artifact import Profile, UnitProfile
+from .proxies import (LinearInputNorms, block_influence, fisher_score, mean_token_norm, proxy_correlations,
+                      squared_gradients, weight_stats)
+from .sensitivity import Trace, swapped, trace_model
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """How much to measure.
+
+    ``tokens`` calibration tokens (cut into rows of ``seq_len``) are measured for every unit
+    and choice; ``role_tokens`` feed the linguistic probes (the stream must hold the larger of
+    the two). ``fisher_rows`` sequences get a backward pass for the Fisher proxy (None: all).
+    """
+
+    tokens: int = 2048
+    seq_len: int = 256
+    batch_size: int = 8
+    roles: bool = True
+    role_tokens: int = 4096
+    proxies: bool = True
+    fisher_rows: int | None = None
+    additivity: bool = True
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class UnitRef:
+    """One searchable unit: its name, block index and the linear's path inside the block (None: whole block)."""
+
+    name: str
+    block: int
+    path: str | None
+    role: str
+
+
+def unit_refs(model: nn.Module, space: SearchSpace) -> list[UnitRef]:
+    """The space's units of ``model`` in block order, frozen ones left out."""
+    adapter = adapter_for(model)
+    wanted = set(space.units(model))
+    refs = []
+    for index in range(len(adapter.blocks(model))):
+        block = f"{adapter.blocks_path}.{index}"
+        if space.granularity is Granularity.BLOCK:
+            refs.append(UnitRef(block, index, None, "block"))
+        else:
+            refs += [UnitRef(f"{block}.{path}", index, path, role) for role, path in adapter.linears.items()]
+    return [ref for ref in refs if ref.name in wanted]
+
+
+def calibration_rows(tokens: torch.Tensor, settings: ProfileSettings) -> torch.Tensor:
+    """The measured calibration tokens as rows [n, seq_len] (UserError when too few)."""
+    if tokens.numel() < settings.tokens:
+        raise UserError(f"the calibration data has {tokens.numel()} tokens, fewer than the {settings.tokens} "
+                        f"asked for; lower --tokens or give more text")
+    if settings.tokens < settings.seq_len:
+        raise UserError(f"--tokens {settings.tokens} is less than one sequence of --seq-len {settings.seq_len}")
+    return token_batch(tokens[: settings.tokens], settings.seq_len)
+
+
+def data_fingerprint(tokens: torch.Tensor, settings: ProfileSettings) -> str:
+    """Fingerprint of exactly what is measured: the token ids, their count and the row length."""
+    rows = calibration_rows(tokens, settings)
+    return fingerprint(hashlib.sha256(rows.numpy().tobytes()).digest(), rows.numel(), settings.seq_len)
+
+
+def space_fingerprint(space: SearchSpace) -> str:
+    """Fingerprint of a search space's settings (its file name and description included)."""
+    return fingerprint(space.to_json())
+
+
+def _unit_modules(model: nn.Module, ref: UnitRef) -> dict[str, nn.Module]:
+    """Full path -> linear module of every weight the unit holds."""
+    adapter = adapter_for(model)
+    block = adapter.blocks(model)[ref.block]
+    prefix = f"{adapter.blocks_path}.{ref.block}"
+    paths = [ref.path] if ref.path is not None else list(adapter.linears.values())
+    return {f"{prefix}.{path}": block.get_submodule(path) for path in paths}
+
+
+def _static_proxies(trace: Trace, ref: UnitRef, modules: dict[str, nn.Module], norms: LinearInputNorms) -> dict:
+    weights = [m.weight for m in modules.values() if isinstance(m, nn.Linear)]
+    proxies = weight_stats(weights) if weights else {}
+    proxies["block_influence"] = block_influence(trace.hidden[ref.block], trace.hidden[ref.block + 1])
+    if ref.path is None:
+        proxies["activation_norm"] = mean_token_norm(trace.hidden[ref.block])
+    else:
+        proxies["activation_norm"] = norms.mean(next(iter(modules)))
+    return proxies
+
+
+def _role_states(loaded: LoadedModel, trace: Trace, tokens: torch.Tensor, settings: ProfileSettings):
+    """Hidden states of every layer ([n, hidden] each) and the token ids the probes read."""
+    if settings.role_tokens <= trace.tokens.numel():
+        rows, hidden = trace.tokens, trace.hidden
+    else:
+        if tokens.numel() < settings.role_tokens:
+            raise UserError(f"the calibration data has {tokens.numel()} tokens, fewer than the "
+                            f"{settings.role_tokens} --role-tokens asked for")
+        rows = token_batch(tokens[: settings.role_tokens], settings.seq_len)
+        hidden = trace_model(loaded.model, rows, batch_size=settings.batch_size, reference=False).hidden
+    n = min(settings.role_tokens, rows.numel())
+    flat = [h.reshape(-1, h.shape[-1])[:n] for h in hidden]
+    return flat, rows.reshape(-1)[:n]
+
+
+@torch.no_grad()
+def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: ProfileSettings = ProfileSettings(), *,
+                  model_name: str | None = None, data_name: str | None = None,
+                  model_fp: str | None = None) -> Profile:
+    """Profile ``loaded.model`` on the calibration ``stream`` under ``space``.
+
+    ``stream`` is a :class:`~autocompress.data.TokenStream` or a 1-D LongTensor. For every
+    unit of the space and every probe choice (:meth:`SearchSpace.probe_choices`), the mean
+    KL(original || changed) of next-token distributions and the loss change are measured with
+    only that unit changed; then, as settings ask, the proxies with their Spearman
+    correlations, the additivity check per bit width and the linguistic roles of every block.
+    The model is left as it was.
+    """
+    started = time.perf_counter()
+    model = loaded.model
+    tokens = getattr(stream, "tokens", stream)
+    rows = calibration_rows(tokens, settings)
+    refs = unit_refs(model, space)
+    if not refs:
+        raise UserError(f"search space {space.name!r} leaves no unit of this model unfrozen")
+    probes = space.probe_choices()
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    timings: dict[str, float] = {}
+
+    tick = time.perf_counter()
+    norms = LinearInputNorms()
+    linear_paths = list(adapter.linears.values())
+    hook = (lambda i, b: norms.hook_block(b, linear_paths, f"{adapter.blocks_path}.{i}")) \
+        if space.granularity is Granularity.LINEAR and settings.proxies else None
+    trace = trace_model(model, rows, batch_size=settings.batch_size, hook=hook)
+    timings["trace"] = time.perf_counter() - tick
+
+    squared = {}
+    if settings.proxies:
+        tick = time.perf_counter()
+        squared = squared_gradients(model, rows, rows=settings.fisher_rows)
+        timings["gradients"] = time.perf_counter() - tick
+
+    units: list[UnitProfile] = []
+    keep_for_additivity: dict[str, dict[int, object]] = {label: {} for label, c in probes if label.startswith("bits=")}
+    tick = time.perf_counter()
+    with progress_bar(f"measuring {len(refs)} units x {len(probes)} choices", len(refs) * len(probes),
+                      settings.progress) as advance:
+        for ref in refs:
+            modules = _unit_modules(model, ref)
+            unit = UnitProfile(name=ref.name, block=ref.block, role=ref.role,
+                               relative_depth=ref.block / max(len(blocks) - 1, 1),
+                               parameters=sum(p.numel() for m in modules.values() for p in m.parameters()))
+            if ref.path is None:
+                unit.parameters = sum(p.numel() for p in blocks[ref.block].parameters())
+            if settings.proxies:
+                unit.proxies.update(_static_proxies(trace, ref, modules, norms))
+            for label, choice in probes:
+                kl, delta, changed = _measure_one(trace, model, ref, choice)
+                unit.kl[label], unit.loss_delta[label] = kl, delta
+                if squared:
+                    prefix = f"{adapter.blocks_path}.{ref.block}."
+                    as_full = changed if isinstance(changed, DroppedBlock) else (
+                        {prefix + p: m for p, m in changed.items()} if isinstance(changed, dict)
+                        else {name: changed.get_submodule(name[len(prefix):]) for name in modules})
+                    score = fisher_score(squared, modules, as_full)
+                    if score is not None:
+                        unit.proxies[f"fisher:{label}"] = score
+                if label in keep_for_additivity and settings.additivity:
+                    if isinstance(changed, dict):
+                        keep_for_additivity[label].setdefault(ref.block, {}).update(changed)
+                    else:
+                        keep_for_additivity[label][ref.block] = changed
+                advance()
+            units.append(unit)
+    timings["measure"] = time.perf_counter() - tick
+    del squared
+
+    additivity = []
+    if settings.additivity:
+        tick = time.perf_counter()
+        for label, replacements in keep_for_additivity.items():
+            additivity.append(additivity_check(trace, units, int(label.split("=")[1]), replacements))
+        timings["additivity"] = time.perf_counter() - tick
+    del keep_for_additivity
+
+    role_curves: dict[str, list[float]] = {}
+    meta: dict = {"seq_len": settings.seq_len, "rows": rows.shape[0], "threads": torch.get_num_threads(),
+                  "space_source": space.source}
+    if settings.roles:
+        from .probes import probe_roles  # noqa: PLC0415 (scikit-learn is imported only when probing)
+
+        tick = time.perf_counter()
+        states, ids = _role_states(loaded, trace, tokens, settings)
+        roles = probe_roles(states, ids, loaded.tokenizer, seed=settings.seed)
+        data = roles.to_json()
+        role_curves = data["selectivity"]
+        meta["roles"] = data
+        for unit in units:
+            unit.roles = {task: v for task, values in role_curves.items()
+                          if (v := values[unit.block + 1]) is not None}
+            unit.dominant_role = roles.dominant[unit.block + 1]
+        timings["roles"] = time.perf_counter() - tick
+    meta["timings"] = timings
+
+    return Profile(
+        model=model_name or loaded.spec,
+        model_fingerprint=model_fp or model_fingerprint(model),
+        data=data_name or _describe_stream(stream),
+        data_fingerprint=data_fingerprint(tokens, settings),
+        space=space.name, space_fingerprint=space_fingerprint(space), granularity=space.granularity.value,
+        calibration_tokens=rows.numel(), base_loss=trace.reference.loss,
+        choices={label: choice.to_json() for label, choice in probes},
+        units=units, additivity=additivity,
+        proxy_spearman=proxy_correlations(units, [label for label, _ in probes]) if settings.proxies else {},
+        role_curves=role_curves, seconds=time.perf_counter() - started, meta=meta)
+
+
+def _describe_stream(stream) -> str:
+    spec = getattr(stream, "spec", None)
+    split = getattr(stream, "split", None)
+    return f"{spec} ({getattr(split, 'value', split)})" if spec else "tokens"
+
+
+def _measure_one(trace: Trace, model: nn.Module, ref: UnitRef, choice: Choice):
+    """KL, loss delta and the compressed replacement (a block, or {path: linear}) of one unit."""
+    block = trace.blocks[ref.block]
+    inputs = trace.block_inputs(ref.block)
+    if ref.path is None:
+        changed = compress_block(block, ref.block, model, choice, inputs)
+        kl, delta = trace.measure_block(ref.block, changed)
+        return kl, delta, changed
+    compressed = compress_block(block, ref.block, model, Choice(), inputs, linear_choices={ref.path: choice})
+    replacement = {ref.path: compressed.get_submodule(ref.path)}
+    with swapped(block, replacement):
+        kl, delta = trace.measure_block(ref.block, block)
+    return kl, delta, replacement
+
+
+@dataclass(frozen=True)
+class ProfileOutcome:
+    """What :func:`profile_run` did: the profile, where it lives, and whether it was reused."""
+
+    profile: Profile
+    path: Path
+    reused: bool
+
+
+def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-docs", space: str | SearchSpace = "default",
+                granularity: str | None = None, settings: ProfileSettings = ProfileSettings(), force: bool = False,
+                trust_remote_code: bool = False) -> ProfileOutcome:
+    """Profile ``model_spec`` into ``out_dir/profile.json``, or reuse the one there.
+
+    An existing profile whose model, data and space fingerprints all match is returned as is;
+    one that differs is refused with a message naming the difference, unless ``force``.
+    ``granularity`` ("block" or "linear") overrides the space's.
+    """
+    from ..data import Split, load_tokens  # noqa: PLC0415
+    from ..models import load_model  # noqa: PLC0415
+
+    space = resolve_space(space, granularity)
+    loaded = load_model(model_spec, trust_remote_code=trust_remote_code)
+    wanted = max(settings.tokens, settings.role_tokens if settings.roles else 0)
+    stream = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, wanted)
+    model_fp = model_fingerprint(loaded.model)
+    path = Path(out_dir) / "profile.json"
+    if path.exists() and not force:
+        existing = Profile.load(path)
+        try:
+            existing.check_matches(model_fp, data_fingerprint(stream.tokens, settings), space_fingerprint(space),
+                                   path=path)
+        except UserError as exc:
+            raise UserError(f"{exc} (or pass --force to replace it)") from None
+        return ProfileOutcome(existing, path, True)
+    profile = profile_model(loaded, stream, space, settings, model_name=model_spec,
+                            data_name=f"{data} (calibration)", model_fp=model_fp)
+    profile.save(path)
+    return ProfileOutcome(profile, path, False)
+
+
+def resolve_space(space: str | SearchSpace, granularity: str | None = None) -> SearchSpace:
+    """A space by name/path (or as given) with an optional granularity override, validated."""
+    from ..search.space import load_space, space_from_dict  # noqa: PLC0415
+
+    if isinstance(space, str):
+        space = load_space(space)
+    if granularity is not None and granularity != space.granularity.value:
+        data = {**space.to_json(), "granularity": granularity}
+        space = space_from_dict(data, f"{space.source or space.name} with granularity {granularity}")
+    return space
