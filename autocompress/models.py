@@ -183,7 +183,7 @@ def normalize(model: nn.Module) -> nn.Module:
     for block in adapter.blocks(model):
         for path in adapter.linears.values():
             module = block.get_submodule(path)
-            if not isinstance(module, nn.Linear):
+            if type(module).__name__ == "Conv1D":  # not nn.Linear, nor an already quantized layer
                 parent_path, _, name = path.rpartition(".")
                 setattr(block.get_submodule(parent_path), name, _conv1d_to_linear(module))
     return model
