@@ -1,1 +1,10 @@
-"""autocompress.report."""
+"""The HTML report of a run: ``write_report(run_dir)`` writes ``run_dir/report.html``.
+
+:mod:`.data` extracts each section's numbers (no plotting), :mod:`.figures` draws them with
+plotly, :mod:`.html` assembles one self-contained page (plotly.js inlined once, every string
+escaped) and :mod:`.build` ties them together.
+"""
+from .build import build_sections, render_report, write_report
+from .data import Run, load_run
+
+__all__ = ["Run", "build_sections", "load_run", "render_report", "write_report"]

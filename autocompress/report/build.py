@@ -1,0 +1,232 @@
+"""``write_report``: read a run directory, draw what it holds, write one self-contained HTML file."""
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+from ..artifacts import atomic_write_bytes
+from . import data, figures
+from .html import Section, esc, figure_html, missing_html, render_page, table_html
+
+HINTS = {
+    "profile.json": "run `autocompress profile MODEL --out RUN`",
+    "search.json": "run `autocompress search RUN --budget ...`",
+    "schedule.json": "run `autocompress search RUN --budget ...`",
+    "eval.json": "run `autocompress eval RUN/model --reference MODEL --out RUN/eval.json`",
+    "eval_original.json": "run `autocompress eval MODEL --out RUN/eval_original.json`",
+}
+
+
+def _absent(run: data.Run, name: str) -> str:
+    reason = run.missing.get(name, f"no {name}")
+    hint = HINTS.get(name)
+    return f"{reason} ({hint})" if hint and reason.startswith("no ") else reason
+
+
+def _summary(run: data.Run) -> Section:
+    body = table_html(None, data.summary_rows(run), align=False)
+    if run.search:
+        rows = data.baseline_rows(run.search)
+        if rows:
+            body += "<h3>Chosen schedule against the baselines (held-aside calibration slice)</h3>" + table_html(
+                ["schedule", "memory", "latency", "predicted KL", "measured KL", "measured perplexity"], rows)
+        if run.search.notes:
+            body += "<h3>Notes of the search</h3><ul>" + "".join(
+                f"<li>{esc(note)}</li>" for note in run.search.notes) + "</ul>"
+    return Section("summary", "Summary",
+                   "What was compressed, under which budget, what it achieved, and how its quality compares with "
+                   "the original model and with the baselines every search starts from (uniform choices that fit "
+                   "the budget, and the exact knapsack allocation under the additive sensitivity model).", body)
+
+
+def _sensitivity(run: data.Run) -> Section:
+    section = Section("sensitivity", "Sensitivity per unit and choice",
+                      "KL of the model's next-token distribution from the original's when only this unit is "
+                      "changed to this choice, measured on calibration tokens. Colour is on a log scale: each "
+                      "step of the scale is ten times more damage. Bright rows are the units to spare.")
+    if run.profile is None:
+        section.missing = _absent(run, "profile.json")
+    elif not run.profile.units:
+        section.missing = "the profile has no units"
+    else:
+        section.body = figure_html(figures.sensitivity_figure(data.sensitivity_info(run.profile)), "fig-sensitivity")
+    return section
+
+
+def _roles(run: data.Run) -> Section:
+    section = Section("roles", "Linguistic roles across depth",
+                      "How well a linear probe on each layer's hidden states solves each task (lexical identity, "
+                      "morphology, word class, nesting depth, next-token prediction), above a control baseline. "
+                      "Where a task peaks tells which blocks carry it, and what compressing them risks.")
+    if run.profile is None:
+        section.missing = _absent(run, "profile.json")
+        return section
+    info = data.role_curve_info(run.profile)
+    if not info.curves:
+        section.missing = "the profile has no linguistic-role measurements"
+        return section
+    section.body = figure_html(figures.role_curve_figure(info), "fig-roles")
+    if info.dominant:
+        section.body += "<h3>Dominant task per block</h3>" + table_html(
+            ["block", "dominant task"], [(block, role) for block, role in info.dominant])
+    return section
+
+
+def _schedule(run: data.Run) -> Section:
+    section = Section("schedule", "Chosen schedule",
+                      "Per unit: bits of the quantized weights, share of weights, heads or channels pruned, and "
+                      "beside them the unit's sensitivity from the profile: the KL its chosen choice costs alone, "
+                      "and the largest KL any probe choice caused. Sensitive units should get more bits.")
+    if run.schedule is None:
+        section.missing = _absent(run, "schedule.json")
+    elif not run.schedule.units:
+        section.missing = "the schedule keeps every unit as it is"
+    else:
+        info = data.schedule_info(run.schedule, run.profile)
+        section.body = figure_html(figures.schedule_figure(info), "fig-schedule")
+        if run.profile is None:
+            section.body += missing_html("sensitivity: " + _absent(run, "profile.json"))
+    return section
+
+
+def _pareto(run: data.Run) -> Section:
+    section = Section("pareto", "Pareto front: memory against quality",
+                      "Every trial of the search (hollow: over budget) and every baseline, by stored memory and "
+                      "quality loss (measured where the trial was evaluated for real, predicted otherwise). The "
+                      "dotted step line is the front no point beats on both axes; the star is the chosen schedule.")
+    if run.search is None:
+        section.missing = _absent(run, "search.json")
+        return section
+    info = data.pareto_info(run.search)
+    if not info.front:
+        section.missing = "search.json has no trial with both memory and quality"
+    else:
+        section.body = figure_html(figures.pareto_figure(info), "fig-pareto")
+    return section
+
+
+def _optuna_sections(run: data.Run) -> list[Section]:
+    history = Section("history", "Optimization history",
+                      "The objective of each trial in order, and the best value so far: where the curve flattens, "
+                      "more trials stop paying.")
+    importances = Section("importances", "Parameter importances",
+                          "Which units' choices explain most of the objective's variation across trials (Optuna's "
+                          "fANOVA importance evaluator): the units where the choice matters.")
+    if run.search is None:
+        history.missing = importances.missing = _absent(run, "search.json")
+        return [history, importances]
+    location = data.study_location(run.search, run.run_dir)
+    drawn = (figures.optuna_figures(*location) if isinstance(location, tuple)
+             else {key: location for key in ("history", "importances")})
+    metric = data.METRIC
+    if isinstance(drawn["history"], str):
+        info = data.history_info(run.search)
+        if info.numbers:
+            history.body = (missing_html(drawn["history"] + "; drawn from search.json instead")
+                            + figure_html(figures.history_figure(info, metric), "fig-history"))
+        else:
+            history.missing = drawn["history"]
+    else:
+        history.body = figure_html(drawn["history"], "fig-history")
+    if isinstance(drawn["importances"], str):
+        importances.missing = drawn["importances"]
+    else:
+        importances.body = figure_html(drawn["importances"], "fig-importances")
+    return [history, importances]
+
+
+def _prediction(run: data.Run) -> Section:
+    section = Section("prediction", "Predicted against measured quality",
+                      "The search ranks candidates with a cheap predictor (additive sensitivity plus a learned "
+                      "correction) and measures the promising ones for real. Points on the dashed line were "
+                      "predicted exactly; above it the predictor was optimistic.")
+    if run.search is None:
+        section.missing = _absent(run, "search.json")
+        return section
+    info = data.prediction_info(run.search)
+    if not info.points:
+        section.missing = "no trial of search.json was measured for real"
+        return section
+    section.explanation += (f" Here: {len(info.points)} trials measured; Spearman rank correlation with the "
+                            f"measurement {data.format_number(info.spearman_additive, 3)} for the additive "
+                            f"prediction and {data.format_number(info.spearman_corrected, 3)} for the corrected "
+                            f"one; median measured/additive {data.format_number(info.median_ratio, 3)}.")
+    correction = run.search.correction or {}
+    if correction:
+        section.explanation += " Correction: " + ", ".join(f"{k} {v}" for k, v in correction.items()) + "."
+    section.body = figure_html(figures.prediction_figure(info, data.METRIC), "fig-prediction")
+    return section
+
+
+def _evaluation(run: data.Run) -> Section:
+    section = Section("evaluation", "Evaluation",
+                      "Held-out evaluation of the compressed model (eval.json) beside the same evaluation of the "
+                      "original (eval_original.json): perplexity over non-overlapping windows, KL and top-1 "
+                      "agreement to the original, size as stored and speed on the machine that ran it.")
+    header, rows = data.eval_rows(run)
+    if not rows:
+        section.missing = _absent(run, "eval.json")
+    else:
+        section.body = table_html(header, rows)
+        for name in ("eval.json", "eval_original.json"):
+            if name in run.missing:
+                section.body += missing_html(_absent(run, name))
+    return section
+
+
+def _staged(run: data.Run) -> Section | None:
+    if run.staged is None:
+        return None
+    section = Section("staged", "Staged compression history",
+                      "Compression applied in steps, most robust units first: after each step the quality was "
+                      "checked against the gates, recovered by distillation when a gate failed, and the step "
+                      "rolled back when recovery could not pass it.")
+    header, rows = data.staged_rows(run.staged)
+    if rows:
+        section.body = table_html(header, rows)
+    else:
+        section.missing = "staged.json has no steps"
+    return section
+
+
+def _artifacts(run: data.Run) -> Section:
+    names = ["profile.json", "search.json", "schedule.json", "eval.json", "eval_original.json", "staged.json"]
+    rows = [(name, "missing" if name in run.missing else "read", run.missing.get(name, "")) for name in names]
+    return Section("artifacts", "Artifacts of this run", "The files this report was drawn from.",
+                   table_html(["file", "status", "note"], rows))
+
+
+def build_sections(run: data.Run) -> list[Section]:
+    """Every section of the report, in page order (the staged history only when staged.json exists)."""
+    sections = [_summary(run), _sensitivity(run), _roles(run), _schedule(run), _pareto(run),
+                *_optuna_sections(run), _prediction(run), _evaluation(run), _staged(run), _artifacts(run)]
+    return [s for s in sections if s is not None]
+
+
+def render_report(run: data.Run) -> str:
+    """The report of ``run`` as one HTML string."""
+    from plotly.offline import get_plotlyjs  # noqa: PLC0415
+
+    rows = dict(data.summary_rows(run))
+    model = rows.get("model", "-")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return render_page(f"autocompress report: {model}", f"run {run.run_dir.resolve()} · written {stamp}",
+                       build_sections(run), get_plotlyjs(),
+                       footer="Written by autocompress report. Self-contained: opens offline, fetches nothing.")
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the HTML report of ``run_dir`` to ``out`` (default ``run_dir/report.html``) atomically.
+
+    Artifacts that are missing are named on the page in place of their sections; a path
+    that is not a directory is a :class:`~autocompress.errors.UserError`.
+
+    Example::
+
+        write_report("runs/x")                 # runs/x/report.html
+        write_report("runs/x", "reports/demo.html")
+    """
+    run = data.load_run(run_dir)
+    out = Path(out) if out is not None else Path(run_dir) / "report.html"
+    atomic_write_bytes(out, render_report(run).encode("utf-8"))
+    return out

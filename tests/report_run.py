@@ -1,0 +1,137 @@
+"""A hand-built run directory for the report tests: every artifact, with known numbers.
+
+Six blocks; block 0 and the last one are the sensitive ones. The Optuna study is real (sqlite
+in the run directory) and search.json is written from its trials, as the search does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from autocompress.artifacts import write_artifact
+from autocompress.evaluate import EvalResult, write_eval
+from autocompress.profile.artifact import AdditivityCheck, Profile, UnitProfile
+from autocompress.schedule import Choice, Schedule, SparsityPattern
+from autocompress.search.result import SearchResult, TrialRecord
+
+BLOCKS = 6
+LABELS = ["bits=2", "bits=3", "bits=4", "bits=8", "2:4", "heads=0.25", "drop"]
+BASE_KL = {"bits=2": 0.2, "bits=3": 0.04, "bits=4": 0.008, "bits=8": 0.0001, "2:4": 0.1, "heads=0.25": 0.05,
+           "drop": 0.6}
+BLOCK_PARAMS = 1000
+BITS = {"bits=2": 2, "bits=3": 3, "bits=4": 4}
+
+
+def unit_name(i: int) -> str:
+    """Block ``i``'s unit name."""
+    return f"model.layers.{i}"
+
+
+def block_kl(i: int, label: str) -> float:
+    """KL of block ``i`` at ``label``: the first and last blocks are 10x and 5x more sensitive."""
+    scale = 10.0 if i == 0 else 5.0 if i == BLOCKS - 1 else 1.0 + 0.1 * i
+    return BASE_KL[label] * scale
+
+
+def make_profile(model: str = "tiny-llama") -> Profile:
+    """A profile of six blocks, units listed in reverse order (the report must sort them)."""
+    tasks = ["lexical", "word_class", "nesting"]
+    units = [UnitProfile(name=unit_name(i), block=i, relative_depth=i / (BLOCKS - 1), parameters=BLOCK_PARAMS,
+                         kl={label: block_kl(i, label) for label in LABELS},
+                         loss_delta={label: block_kl(i, label) * 0.9 for label in LABELS},
+                         proxies={"fisher": block_kl(i, "bits=2")},
+                         roles={t: 0.1 * (k + 1) + 0.05 * i for k, t in enumerate(tasks)},
+                         dominant_role=tasks[i % 3])
+             for i in reversed(range(BLOCKS))]
+    choices = {label: Choice().to_json() for label in LABELS}
+    curves = {t: [0.0] + [0.1 * (k + 1) + 0.05 * i for i in range(BLOCKS)] for k, t in enumerate(tasks)}
+    return Profile(model=model, model_fingerprint="fp-model", data="stdlib-docs", data_fingerprint="fp-data",
+                   space="default", space_fingerprint="fp-space", granularity="block", calibration_tokens=4096,
+                   base_loss=2.9, choices=choices, units=units,
+                   additivity=[AdditivityCheck(bits=3, predicted_kl=0.3, measured_kl=0.5)],
+                   proxy_spearman={"fisher": 0.8}, role_curves=curves)
+
+
+def memory_of(picks: dict[str, str]) -> int:
+    """Stored bytes of a bits assignment: 1000 parameters per block plus 100 bytes of overhead."""
+    return sum(BLOCK_PARAMS * BITS[label] // 8 + 100 for label in picks.values())
+
+
+def make_search(run_dir: Path, model: str = "tiny-llama", trials: int = 12) -> SearchResult:
+    """A real sqlite Optuna study over per-block bits, and the search.json record of it."""
+    storage = f"sqlite:///{run_dir / 'study.db'}"
+    study = optuna.create_study(study_name="report-test", storage=storage, direction="minimize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({unit_name(i): "bits=3" for i in range(BLOCKS)})  # uniform baseline
+    study.enqueue_trial({unit_name(i): "bits=4" if i in (0, BLOCKS - 1) else "bits=3" for i in range(BLOCKS)})
+    limit = memory_of({unit_name(i): "bits=3" for i in range(BLOCKS)}) + 500
+
+    def objective(trial: optuna.Trial) -> float:
+        picks = {unit_name(i): trial.suggest_categorical(unit_name(i), list(BITS)) for i in range(BLOCKS)}
+        trial.set_user_attr("memory", memory_of(picks))
+        return sum(block_kl(i, picks[unit_name(i)]) for i in range(BLOCKS))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=trials)
+    records = []
+    for t in study.trials:
+        memory = t.user_attrs["memory"]
+        predicted = t.value
+        records.append(TrialRecord(
+            number=t.number, source="uniform:bits=3" if t.number == 0 else "knapsack" if t.number == 1 else "tpe",
+            choices=dict(t.params), predicted_kl=predicted, corrected_kl=predicted * 1.4 if t.number >= 4 else None,
+            measured_kl=predicted * 1.5 if t.number % 2 == 0 else None,
+            measured_loss=None, measured_ppl=20 * (1 + predicted) if t.number % 2 == 0 else None,
+            memory_bytes=memory, avg_bits=8 * memory / (BLOCKS * BLOCK_PARAMS), params=BLOCKS * BLOCK_PARAMS,
+            latency_ms=0.01 * memory / 1000, latency_source="roofline h100", feasible=memory <= limit,
+            state="COMPLETE"))
+    feasible = [r for r in records if r.feasible and r.measured_kl is not None]
+    best = min(feasible, key=lambda r: r.measured_kl).number
+    baselines = {"uniform:bits=3": {"trial": 0, "measured_kl": records[0].measured_kl,
+                                    "measured_ppl": records[0].measured_ppl, "memory_bytes": records[0].memory_bytes},
+                 "knapsack": {"trial": 1, "measured_kl": None, "measured_ppl": None,
+                              "memory_bytes": records[1].memory_bytes}}
+    return SearchResult(
+        model=model, model_fingerprint="fp-model",
+        budget={"specs": [f"memory={limit}B"], "limits": {"memory_bytes": limit},
+                "original": {"memory_bytes": BLOCKS * (2 * BLOCK_PARAMS + 100), "latency_ms": 0.1},
+                "latency_source": "roofline h100", "batch": 1, "context": 512},
+        space="quant-only", storage=storage, study_name="report-test", objective="kl",
+        holdout={"data": "stdlib-docs", "split": "calibration", "start": 4096, "tokens": 2048, "window": 512},
+        original={"loss": 2.9, "ppl": 18.0}, trials=records, baselines=baselines, best=best,
+        pareto=[best], beat_baselines=best != 0, correction={"regressor": "ridge", "fitted_on": 4},
+        notes=["a note with <b>markup</b> from the search"])
+
+
+def make_schedule(profile: Profile) -> Schedule:
+    """Bits per block, plus one 2:4 block, one with heads pruned and one dropped."""
+    units = {unit_name(0): Choice(bits=4), unit_name(1): Choice(bits=3, sparsity=0.5, pattern=SparsityPattern.TWO_FOUR),
+             unit_name(2): Choice(bits=2, head_ratio=0.25), unit_name(3): Choice(drop=True),
+             unit_name(4): Choice(bits=3), unit_name(5): Choice(bits=8)}
+    return Schedule(profile.model_fingerprint, units, {})
+
+
+def make_eval(model: str, perplexity: float, size: int, kl: float | None) -> EvalResult:
+    """An evaluation record with the given headline figures."""
+    return EvalResult(model=model, data="stdlib-docs (evaluation)", tokens=16384, window=512, perplexity=perplexity,
+                      loss=2.9, kl=kl, top1=None if kl is None else 0.9, size_bytes=size, parameters=135_000_000,
+                      tokens_per_second=2000.0, decode_tokens_per_second=30.0, wall_seconds=40.0, threads=1)
+
+
+def build_run(run_dir: Path, model: str = "tiny-llama", *, study: bool = True, staged: bool = True) -> Path:
+    """Write every artifact of a run into ``run_dir``; returns it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    profile = make_profile(model)
+    profile.save(run_dir / "profile.json")
+    if study:
+        make_search(run_dir, model).save(run_dir / "search.json")
+    make_schedule(profile).save(run_dir / "schedule.json")
+    write_eval(make_eval(f"{run_dir}/model", 24.0, 60 * 2**20, 0.25), run_dir / "eval.json")
+    write_eval(make_eval(model, 16.0, 270 * 2**20, None), run_dir / "eval_original.json")
+    if staged:
+        write_artifact(run_dir / "staged.json", "staged", 1, {"steps": [
+            {"step": 1, "size_bytes": 200 * 2**20, "kl_before": 0.05, "kl_after": 0.03, "gate": "passed"},
+            {"step": 2, "size_bytes": 120 * 2**20, "kl_before": 0.4, "kl_after": 0.2, "gate": f"rolled back {model}"},
+        ]})
+    return run_dir
