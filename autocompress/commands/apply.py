@@ -1,0 +1,114 @@
+"""``autocompress apply RUN``: the run's schedule -> a saved compressed model (optionally staged)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_threads, add_trust_remote_code, positive_int
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def register(verbs) -> None:
+    """Add the ``apply`` sub-command."""
+    ap = verbs.add_parser(
+        "apply", help="compress the model as RUN/schedule.json says and save it",
+        description="Apply RUN/schedule.json to its model and save the compressed model (RUN/model). "
+                    "With --staged: in steps of at most --step-fraction of the size, most robust units first, "
+                    "each checked against quality gates on a validation slice, recovered by distillation "
+                    "from the original when a gate fails, rolled back and frozen when it still fails; "
+                    "the history goes to RUN/staged.json.")
+    ap.add_argument("run_dir", metavar="RUN", help="run directory holding schedule.json")
+    ap.add_argument("--schedule", metavar="PATH", help="schedule to apply (default RUN/schedule.json)")
+    ap.add_argument("--out", metavar="DIR", help="where to save the compressed model (default RUN/model)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ap.add_argument("--model", metavar="MODEL", help="model to compress (default: the schedule's meta.model)")
+    ap.add_argument("--data", help="calibration data (default: the schedule's meta.data or stdlib-docs)")
+    ap.add_argument("--calib-tokens", type=positive_int, default=8192, help="calibration tokens (default 8192)")
+    ap.add_argument("--valid-tokens", type=positive_int, default=2048,
+                    help="validation tokens held aside from calibration (default 2048)")
+    ap.add_argument("--seq-len", type=positive_int, default=512, help="calibration row length (default 512)")
+    staged = ap.add_argument_group("staged compression")
+    staged.add_argument("--staged", action="store_true", help="compress in gated steps with recovery")
+    staged.add_argument("--resume", action="store_true", help="continue an interrupted staged run")
+    staged.add_argument("--step-fraction", type=_fraction, default=0.15,
+                        help="most of the current size one step may remove (default 0.15)")
+    staged.add_argument("--one-shot", action="store_true", help="one step with everything (gates still apply)")
+    staged.add_argument("--gate-kl", type=_non_negative, help="max KL-to-original increase per step")
+    staged.add_argument("--gate-ppl-increase", type=_non_negative, default=0.25,
+                        help="max relative perplexity increase per step (default 0.25; 0 with --no-step-gate)")
+    staged.add_argument("--no-step-gate", action="store_true", help="no per-step perplexity gate")
+    staged.add_argument("--total-kl", type=_non_negative, help="max KL to the original in total")
+    staged.add_argument("--total-ppl-increase", type=_non_negative, help="max relative perplexity increase in total")
+    staged.add_argument("--recovery", choices=["never", "on-failure", "always"], default="on-failure",
+                        help="when to distill (default on-failure)")
+    staged.add_argument("--recovery-steps", type=int, default=100, help="distillation steps per recovery (default 100)")
+    staged.add_argument("--recovery-seconds", type=_non_negative, help="time limit per recovery")
+    staged.add_argument("--lr", type=_non_negative, default=5e-5, help="learning rate of dense weights and norms")
+    staged.add_argument("--lora-lr", type=_non_negative, default=1e-3, help="learning rate of LoRA adapters")
+    staged.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on quantized layers (0: none)")
+    staged.add_argument("--kd-batch", type=positive_int, default=4, help="distillation batch size (default 4)")
+    staged.add_argument("--kd-seq-len", type=positive_int, default=256, help="distillation row length (default 256)")
+    staged.add_argument("--temperature", type=_non_negative, default=2.0, help="distillation temperature")
+    add_trust_remote_code(ap)
+    add_threads(ap)
+    ap.set_defaults(run=run)
+
+
+def run(args) -> int:
+    """Apply, save, print the table (and the staged history)."""
+    from rich.console import Console  # noqa: PLC0415
+
+    from ..compress.apply_run import ApplyConfig, apply_run, apply_table  # noqa: PLC0415
+    from ..compress.distill import DistillConfig  # noqa: PLC0415
+    from ..compress.staged import Gates, Recovery, StagedConfig, staged_table  # noqa: PLC0415
+    from ..errors import UserError  # noqa: PLC0415
+
+    if args.recovery_steps < 0 or args.lora_rank < 0:
+        raise UserError("--recovery-steps and --lora-rank must be >= 0")
+    staged = None
+    if args.staged:
+        gates = Gates(step_kl=args.gate_kl, step_ppl_increase=None if args.no_step_gate else args.gate_ppl_increase,
+                      total_kl=args.total_kl, total_ppl_increase=args.total_ppl_increase)
+        distill = DistillConfig(steps=args.recovery_steps, seconds=args.recovery_seconds, lr=args.lr,
+                                lora_lr=args.lora_lr, lora_rank=args.lora_rank, batch_size=args.kd_batch,
+                                seq_len=args.kd_seq_len, temperature=args.temperature or 1.0)
+        staged = StagedConfig(step_fraction=args.step_fraction, one_shot=args.one_shot, gates=gates,
+                              recovery=Recovery(args.recovery), distill=distill, calib_seq_len=args.seq_len,
+                              resume=args.resume)
+    elif args.resume:
+        raise UserError("--resume continues a staged run; add --staged")
+    result = apply_run(ApplyConfig(run_dir=Path(args.run_dir), schedule=Path(args.schedule) if args.schedule else None,
+                                   out=Path(args.out) if args.out else None, model=args.model, data=args.data,
+                                   calib_tokens=args.calib_tokens, valid_tokens=args.valid_tokens,
+                                   seq_len=args.seq_len, staged=staged, overwrite=args.overwrite,
+                                   trust_remote_code=args.trust_remote_code))
+    console = Console()
+    if result.staged is not None:
+        console.print(staged_table(result.staged.steps, result.staged.original_bytes,
+                                   result.staged.original.perplexity))
+        if result.staged.frozen:
+            console.print(f"frozen at their previous choice: {', '.join(result.staged.frozen)}")
+    console.print(apply_table(result))
+    console.print(f"wrote {result.out}")
+    return 0

@@ -1,0 +1,632 @@
+"""Gradual compression: apply a schedule in steps, check quality gates, recover or roll back.
+
+NVIDIA's Minitron and DistilBERT compress in steps and distill after each. Here:
+
+1. The schedule's units (a block with its linear overrides, or the output head) are ordered
+   most robust first: by the profile's measured KL for the unit's choice when a profile is
+   given, else by a cheap proxy (how much the unit's own output changes on a few
+   calibration rows when compressed with round-to-nearest).
+2. Each step takes the next units until it would remove more than ``step_fraction`` of the
+   model's current size (exact bytes from :class:`~autocompress.compress.memory.MemoryModel`;
+   at least one unit per step). ``one_shot`` makes one step of everything.
+3. After a step the model is measured on a validation slice (perplexity and KL to the
+   original) against :class:`Gates`, per step and in total. A failed gate triggers
+   distillation (:mod:`~autocompress.compress.distill`); if the gate still fails the step
+   is rolled back exactly (the step's blocks, and any block recovery trained, are restored
+   from copies taken before), its units are frozen at their previous (uncompressed) choice,
+   and the rest goes on.
+4. After every step the model is checkpointed to ``RUN/staged/model`` (safetensors, via
+   :func:`~autocompress.compress.saving.save_compressed`) and the history to
+   ``RUN/staged.json``; ``resume=True`` continues an interrupted run from the last completed
+   step.
+
+Dropped blocks stay in place as identities while staging (so block indices, calibration and
+the distillation's hidden-state taps line up with the original); they are removed for
+real in the checkpoint and in the final model.
+
+``RUN/staged.json`` (type ``staged``, version 1) holds ``original`` (validation perplexity,
+bytes, parameters), ``steps`` (one :class:`StepRecord` each), ``frozen``, ``accepted``,
+``pending``, ``complete`` and ``final``.
+
+Example::
+
+    result = staged_apply(model, schedule, calib.tokens, valid.tokens, StagedConfig(), "runs/x")
+    save_compressed(result.model, tokenizer, result.schedule, "runs/x/model")
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..artifacts import fingerprint as hash_parts
+from ..artifacts import read_artifact, write_artifact
+from ..errors import UserError
+from ..evaluate import stream_metrics
+from ..models import adapter_for, model_fingerprint
+from ..progress import console
+from ..schedule import Choice, QuantMethod, Schedule
+from .apply import DroppedBlock, _compress_head, compress_block, compress_block_, needs_calibration
+from .calibrate import capture_block_inputs, run_block, token_batch
+from .distill import DistillConfig, distill
+from .lora import MERGE_MODES, merge_lora
+from .memory import MemoryModel
+from .prune import drop_blocks, set_submodule
+from .saving import load_compressed, save_compressed
+from .storage import round_to_storage
+
+STAGED_TYPE = "staged"
+STAGED_VERSION = 1
+CHECKPOINT = Path("staged") / "model"
+
+
+class Recovery(str, Enum):
+    """When distillation runs: never, only after a failed gate, or after every step."""
+
+    NEVER = "never"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Validation quality: perplexity, loss and mean KL(original || model) per token."""
+
+    perplexity: float
+    loss: float
+    kl: float
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Quality limits; None switches a limit off.
+
+    ``step_*`` compare with the model before the step, ``total_*`` with the original.
+    Perplexity increases are relative (0.25 = at most 25% higher).
+    """
+
+    step_kl: float | None = None
+    step_ppl_increase: float | None = 0.25
+    total_kl: float | None = None
+    total_ppl_increase: float | None = None
+
+    def failures(self, before: Quality, after: Quality, original: Quality) -> list[str]:
+        """Which gates ``after`` fails (empty when it passes), each as a short sentence."""
+        out = []
+        if self.step_kl is not None and after.kl - before.kl > self.step_kl:
+            out.append(f"step KL +{after.kl - before.kl:.4f} > {self.step_kl}")
+        if self.step_ppl_increase is not None and after.perplexity / before.perplexity - 1 > self.step_ppl_increase:
+            out.append(f"step perplexity +{100 * (after.perplexity / before.perplexity - 1):.1f}% "
+                       f"> {100 * self.step_ppl_increase:g}%")
+        if self.total_kl is not None and after.kl > self.total_kl:
+            out.append(f"total KL {after.kl:.4f} > {self.total_kl}")
+        if self.total_ppl_increase is not None and after.perplexity / original.perplexity - 1 > self.total_ppl_increase:
+            out.append(f"total perplexity +{100 * (after.perplexity / original.perplexity - 1):.1f}% "
+                       f"> {100 * self.total_ppl_increase:g}%")
+        return out
+
+
+@dataclass(frozen=True)
+class StagedConfig:
+    """Settings of :func:`staged_apply`.
+
+    ``calib_seq_len`` is the row length for calibration statistics (Wanda, GPTQ);
+    distillation cuts the same calibration tokens into rows of ``distill.seq_len``.
+    ``lora_merge`` says how adapters end up in the saved model (see
+    :mod:`~autocompress.compress.lora`).
+    """
+
+    step_fraction: float = 0.15
+    one_shot: bool = False
+    gates: Gates = Gates()
+    recovery: Recovery = Recovery.ON_FAILURE
+    distill: DistillConfig = DistillConfig(steps=100)
+    lora_merge: str = "requantize"
+    calib_seq_len: int = 512
+    batch_size: int = 8
+    eval_window: int = 256
+    eval_batch_size: int = 2
+    proxy_rows: int = 4
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if not 0 < self.step_fraction <= 1:
+            raise UserError(f"step fraction must be in (0, 1], got {self.step_fraction}")
+        if self.lora_merge not in MERGE_MODES:
+            raise UserError(f"lora merge must be one of {MERGE_MODES}, got {self.lora_merge!r}")
+
+    def to_json(self) -> dict:
+        """Plain-dict form (for staged.json)."""
+        data = asdict(self)
+        data["recovery"] = self.recovery.value
+        data["distill"] = self.distill.to_json()
+        return data
+
+
+@dataclass
+class StepRecord:
+    """One step of a staged run, as logged in ``staged.json``."""
+
+    index: int
+    units: list[str]
+    bytes_before: int
+    bytes_after: int
+    parameters_after: int
+    before: dict
+    after: dict
+    recovered: dict | None
+    recovery: dict | None
+    gate: str  # "passed", "passed after recovery" or "rolled back"
+    failures: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class StagedResult:
+    """The compressed model (dropped blocks removed), the schedule it really got, and the history."""
+
+    model: nn.Module
+    schedule: Schedule
+    steps: list[StepRecord]
+    frozen: list[str]
+    original: Quality
+    final: Quality
+    original_bytes: int
+    final_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StageUnit:
+    """A unit of staging: a block (with its linear overrides) or the output head."""
+
+    name: str
+    index: int | None  # block index; None for the output head
+    entries: dict[str, Choice]  # the schedule entries this unit applies
+
+
+# ---------------------------------------------------------------------------------------
+# Units, sizes and order
+
+
+def stage_units(model: nn.Module, schedule: Schedule) -> list[StageUnit]:
+    """Group the schedule's entries into staging units (entries that change nothing are left out)."""
+    adapter = adapter_for(model)
+    units = []
+    for index in range(len(adapter.blocks(model))):
+        name = f"{adapter.blocks_path}.{index}"
+        entries = {unit: choice for unit, choice in schedule.units.items()
+                   if (unit == name or unit.startswith(name + ".")) and choice != Choice()}
+        if entries:
+            units.append(StageUnit(name, index, entries))
+    head = schedule.units.get(adapter.lm_head)
+    if head is not None and head != Choice():
+        units.append(StageUnit(adapter.lm_head, None, {adapter.lm_head: head}))
+    return units
+
+
+def _schedule_of(fingerprint: str, units: list[StageUnit], meta: dict | None = None) -> Schedule:
+    return Schedule(fingerprint, {k: v for u in units for k, v in u.entries.items()}, dict(meta or {}))
+
+
+def unit_weight(memory: MemoryModel, unit: StageUnit, fingerprint: str) -> float:
+    """Bytes a unit removes; a unit that removes none (sparsity, a tied head) counts half its size."""
+    alone = _schedule_of(fingerprint, [unit])
+    dense = memory.schedule_bytes(Schedule(fingerprint))
+    saving = dense - memory.schedule_bytes(alone)
+    if saving > 0:
+        return float(saving)
+    if unit.index is None:
+        return 0.5 * memory.head.out * memory.head.inp * 2
+    return 0.5 * memory.block_bytes(unit.index, Choice())
+
+
+def next_step(pending: list[StageUnit], weights: dict[str, float], current_bytes: int,
+              fraction: float) -> list[StageUnit]:
+    """The next units in order until ``fraction`` of ``current_bytes`` would be exceeded (at least one)."""
+    cap, taken, removed = fraction * current_bytes, [], 0.0
+    for unit in pending:
+        if taken and removed + weights[unit.name] > cap:
+            break
+        taken.append(unit)
+        removed += weights[unit.name]
+    return taken
+
+
+def _axes(choice: Choice) -> list[tuple[str, float]]:
+    """The probe kinds a choice is made of, as (kind, value) pairs of profile labels."""
+    axes = []
+    if choice.drop:
+        return [("drop", 1.0)]
+    if choice.quantized:
+        axes.append(("bits", float(choice.bits)))
+    if choice.head_ratio > 0:
+        axes.append(("heads", choice.head_ratio))
+    if choice.channel_ratio > 0:
+        axes.append(("channels", choice.channel_ratio))
+    if choice.pattern.value == "2:4":
+        axes.append(("2:4", 1.0))
+    elif choice.sparsity > 0:
+        axes.append(("sparsity", choice.sparsity))
+    return axes
+
+
+def _nearest_kl(kl: dict[str, float], kind: str, value: float) -> float | None:
+    options = []
+    for label, measured in kl.items():
+        name, _, text = label.partition("=")
+        if name != kind:
+            continue
+        try:
+            options.append((abs(float(text) - value) if text else 0.0, measured))
+        except ValueError:
+            continue
+    return min(options)[1] if options else None
+
+
+def profile_scores(profile, units: list[StageUnit]) -> dict[str, float] | None:
+    """Each unit's summed profile KL for its choice (None if the profile cannot price every unit)."""
+    scores = {}
+    for unit in units:
+        total, found = 0.0, False
+        for entry, choice in unit.entries.items():
+            measured = [u for u in profile.units if u.name == entry]
+            if not measured and entry == unit.name:
+                measured = [u for u in profile.units if u.name.startswith(unit.name + ".")]
+            for measured_unit in measured:
+                for kind, value in _axes(choice):
+                    kl = _nearest_kl(measured_unit.kl, kind, value) if kind not in ("drop", "2:4") \
+                        else measured_unit.kl.get(kind)
+                    if kl is not None:
+                        total, found = total + kl, True
+        if not found:
+            return None
+        scores[unit.name] = total
+    return scores
+
+
+@torch.no_grad()
+def proxy_scores(model: nn.Module, units: list[StageUnit], rows: torch.Tensor, fingerprint: str,
+                 batch_size: int = 8) -> dict[str, float]:
+    """Relative change of each block's own output when compressed alone with round-to-nearest.
+
+    ``||block'(x) - block(x)||^2 / ||block(x)||^2`` on the original block's inputs ``x``
+    (a few calibration rows). The output head gets +inf: without a profile it goes last.
+    """
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    paths = list(adapter.linears.values())
+    by_index = {u.index: u for u in units if u.index is not None}
+    scores = {u.name: math.inf for u in units if u.index is None}
+    if not by_index:
+        return scores
+    inputs = capture_block_inputs(model, rows, batch_size=batch_size)
+    for index in range(max(by_index) + 1):
+        out = run_block(blocks[index], inputs, batch_size=batch_size)
+        unit = by_index.get(index)
+        if unit is not None:
+            choice, linears = _schedule_of(fingerprint, [unit]).block_plan(adapter.blocks_path, index, paths)
+            rtn = {path: replace(c, method=QuantMethod.RTN) for path, c in linears.items()}
+            compressed = compress_block(blocks[index], index, model, replace(choice, method=QuantMethod.RTN),
+                                        inputs, linear_choices=rtn, batch_size=batch_size)
+            changed = run_block(compressed, inputs, batch_size=batch_size)
+            scores[unit.name] = float((changed - out).pow(2).sum() / out.pow(2).sum().clamp(min=1e-12))
+        inputs = inputs.with_hidden(out)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------
+# Compressing one step, in place
+
+
+@contextlib.contextmanager
+def _real_first_block(model: nn.Module, stand_in: nn.Module):
+    """Put a real block at position 0 while capturing inputs (the capture hook stops before it runs)."""
+    blocks = adapter_for(model).blocks(model)
+    first = blocks[0]
+    if not isinstance(first, DroppedBlock):
+        yield
+        return
+    blocks[0] = stand_in
+    try:
+        yield
+    finally:
+        blocks[0] = first
+
+
+@torch.no_grad()
+def compress_step_(model: nn.Module, units: list[StageUnit], rows: torch.Tensor | None, fingerprint: str,
+                   teacher: nn.Module, batch_size: int = 8) -> None:
+    """Compress ``units`` of ``model`` in place, calibrating on the model as it is now.
+
+    A dropped block becomes a :class:`~autocompress.compress.apply.DroppedBlock` in place.
+    """
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    paths = list(adapter.linears.values())
+    step = _schedule_of(fingerprint, units)
+    plans = {u.index: step.block_plan(adapter.blocks_path, u.index, paths) for u in units if u.index is not None}
+    head_choice = step.units.get(adapter.lm_head)
+    head_gptq = head_choice is not None and head_choice.quantized and head_choice.method is QuantMethod.GPTQ
+    needed = [i for i, (c, linears) in plans.items() if needs_calibration(c, linears)]
+    last = len(blocks) if head_gptq else max(needed, default=-1)
+    if last >= 0 and rows is None:
+        raise ValueError("this step needs calibration tokens (Wanda scores or GPTQ Hessians)")
+    inputs = None
+    if last >= 0:
+        with _real_first_block(model, adapter.blocks(teacher)[0]):
+            inputs = capture_block_inputs(model, rows, batch_size=batch_size)
+    for index in range(len(blocks)):
+        if index in plans:
+            choice, linears = plans[index]
+            block = compress_block_(blocks[index], model, choice, inputs if index <= last else None,
+                                    linear_choices=linears, batch_size=batch_size)
+            if choice.drop:
+                blocks[index] = block
+        if inputs is not None and index < last:
+            inputs = inputs.with_hidden(run_block(blocks[index], inputs, batch_size=batch_size))
+    if head_choice is not None:
+        _compress_head(model, adapter, head_choice, inputs if head_gptq else None, batch_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Dropped blocks in checkpoints
+
+
+def dropped_indices(model: nn.Module) -> list[int]:
+    """Positions of the blocks that stand in for dropped ones."""
+    return [i for i, b in enumerate(adapter_for(model).blocks(model)) if isinstance(b, DroppedBlock)]
+
+
+@contextlib.contextmanager
+def physically_dropped(model: nn.Module):
+    """Remove the dropped stand-ins for real inside the ``with`` (to save), restore them after."""
+    dropped = dropped_indices(model)
+    if not dropped:
+        yield model
+        return
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    layer_idx = [(m, m.layer_idx) for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    config = model.config
+    saved = (config.num_hidden_layers, copy.copy(getattr(config, "layer_types", None)))
+    drop_blocks(model, dropped)
+    try:
+        yield model
+    finally:
+        set_submodule(model, adapter.blocks_path, blocks)
+        for module, value in layer_idx:
+            module.layer_idx = value
+        config.num_hidden_layers = saved[0]
+        if saved[1] is not None:
+            config.layer_types = saved[1]
+
+
+def reinsert_dropped(model: nn.Module, dropped: list[int], like: nn.Module) -> nn.Module:
+    """Put :class:`DroppedBlock` stand-ins back at ``dropped`` (inverse of a physical drop).
+
+    ``like`` is the original model, whose config gives the full depth.
+    """
+    if not dropped:
+        return model
+    adapter = adapter_for(model)
+    kept = iter(adapter.blocks(model))
+    total = like.config.num_hidden_layers
+    new = nn.ModuleList([DroppedBlock() if i in set(dropped) else next(kept) for i in range(total)])
+    for index, block in enumerate(new):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = index
+    set_submodule(model, adapter.blocks_path, new)
+    model.config.num_hidden_layers = total
+    if getattr(like.config, "layer_types", None) is not None:
+        model.config.layer_types = list(like.config.layer_types)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# The staged run
+
+
+def _quality(model: nn.Module, teacher: nn.Module, tokens: torch.Tensor, config: StagedConfig) -> Quality:
+    m = stream_metrics(model, tokens, window=config.eval_window, batch_size=config.eval_batch_size,
+                       reference=teacher, progress=False)
+    return Quality(m["perplexity"], m["loss"], m["kl"])
+
+
+def _flat(tokens) -> torch.Tensor:
+    tokens = getattr(tokens, "tokens", tokens)
+    return tokens.reshape(-1)
+
+
+def schedule_hash(schedule: Schedule) -> str:
+    """A short hash of a schedule's units and fingerprint (meta left out)."""
+    return hash_parts(schedule.fingerprint, {k: v.to_json() for k, v in sorted(schedule.units.items())})
+
+
+def _fmt(q: Quality | None) -> dict | None:
+    return None if q is None else {k: round(v, 6) for k, v in asdict(q).items()}
+
+
+def _load_state(path: Path) -> dict:
+    data = read_artifact(path, STAGED_TYPE, STAGED_VERSION)
+    for key in ("schedule", "model", "order", "original", "steps", "accepted", "frozen", "pending", "dropped"):
+        if key not in data:
+            raise UserError(f"{path}: field {key!r} is missing; start over without --resume")
+    return data
+
+
+def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, config: StagedConfig,
+                 run_dir, *, tokenizer=None, profile=None, fingerprint: str | None = None,
+                 on_step: Callable[[StepRecord], None] | None = None) -> StagedResult:
+    """Apply ``schedule`` to ``model`` in gated steps with distillation recovery.
+
+    ``model`` is the original (uncompressed) model; it is compressed in place on a fresh run
+    and serves as the teacher on a resumed one. ``calibration`` (1-D tokens or a
+    :class:`~autocompress.data.TokenStream`) feeds calibration statistics and distillation;
+    ``validation`` (1-D tokens held aside from it) feeds the gates. ``profile`` (a
+    :class:`~autocompress.profile.artifact.Profile`) orders units by measured KL.
+    ``run_dir`` receives ``staged.json`` and the per-step checkpoint ``staged/model``.
+    ``on_step`` is called with each finished step's record (after its checkpoint).
+
+    Returns the compressed model with dropped blocks removed.
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    state_path = run_dir / "staged.json"
+    fingerprint = fingerprint or model_fingerprint(model)
+    schedule.validate(model, fingerprint=fingerprint)
+    units = stage_units(model, schedule)
+    by_name = {u.name: u for u in units}
+    memory = MemoryModel.from_model(model)
+    weights = {u.name: unit_weight(memory, u, fingerprint) for u in units}
+    calib = _flat(calibration)
+    valid = _flat(validation)
+    stat_rows = token_batch(calib, min(config.calib_seq_len, calib.numel()))
+    train_rows = token_batch(calib, min(config.distill.seq_len, calib.numel()))
+
+    state = None
+    if state_path.exists():
+        if not config.resume:
+            raise UserError(f"{state_path} exists from an earlier staged run; pass --resume to continue it, "
+                            f"or remove it to start over")
+        state = _load_state(state_path)
+        if state["schedule"] != schedule_hash(schedule) or state["model"] != fingerprint:
+            raise UserError(f"{state_path} belongs to another schedule or model; remove it to start over")
+        if state.get("complete"):
+            raise UserError(f"{state_path} records a completed staged run; remove it to run again")
+
+    if state is not None and state["steps"]:
+        teacher = model
+        student, _ = load_compressed(run_dir / CHECKPOINT)
+        student = reinsert_dropped(student, state["dropped"], teacher)
+        console.print(f"resuming staged run after step {len(state['steps'])} of {state_path}")
+    else:
+        teacher = copy.deepcopy(model)
+        student = model
+        round_to_storage(student)
+    teacher.eval().requires_grad_(False)
+    student.eval()
+
+    if state is None or not state["steps"]:
+        original = _quality(teacher, teacher, valid, config)
+        if profile is not None and (scores := profile_scores(profile, units)) is not None:
+            source = "profile"
+        else:
+            rows = token_batch(calib, min(128, calib.numel()), config.proxy_rows)
+            scores, source = proxy_scores(teacher, units, rows, fingerprint, config.batch_size), "proxy"
+        order = sorted((u.name for u in units), key=lambda n: (scores[n], n))
+        state = {"schedule": schedule_hash(schedule), "model": fingerprint, "config": config.to_json(),
+                 "order": order, "order_source": source,
+                 "scores": {n: (None if math.isinf(s) else s) for n, s in scores.items()},
+                 "original": {**_fmt(original), "bytes": memory.schedule_bytes(Schedule(fingerprint)),
+                              "parameters": memory.schedule_parameters(Schedule(fingerprint))},
+                 "steps": [], "accepted": [], "frozen": [], "pending": order, "dropped": [],
+                 "current": _fmt(original), "complete": False, "final": None}
+        write_artifact(state_path, STAGED_TYPE, STAGED_VERSION, state)
+    original = Quality(**{k: state["original"][k] for k in ("perplexity", "loss", "kl")})
+    current = Quality(**state["current"])
+    steps = [StepRecord(**s) for s in state["steps"]]
+
+    while state["pending"]:
+        tick = time.perf_counter()
+        before = current
+        accepted = [by_name[n] for n in state["accepted"]]
+        pending = [by_name[n] for n in state["pending"]]
+        bytes_before = memory.schedule_bytes(_schedule_of(fingerprint, accepted))
+        step = pending if config.one_shot else next_step(pending, weights, bytes_before, config.step_fraction)
+        number = len(steps) + 1
+        console.print(f"step {number}: {len(step)} unit(s), {', '.join(u.name for u in step[:4])}"
+                      f"{' ...' if len(step) > 4 else ''}")
+
+        blocks = adapter_for(student).blocks(student)
+        step_blocks = {u.index for u in step if u.index is not None}
+        saved = {i: copy.deepcopy(blocks[i]) for i in step_blocks}
+        head_name = adapter_for(student).lm_head
+        saved_head = (student.get_submodule(head_name), student.config.tie_word_embeddings)
+        compress_step_(student, step, stat_rows, fingerprint, teacher, config.batch_size)
+        after = _quality(student, teacher, valid, config)
+        failures = config.gates.failures(before, after, original)
+        recovered, recovery = None, None
+        if config.recovery is Recovery.ALWAYS or (config.recovery is Recovery.ON_FAILURE and failures):
+            saved.update({i: copy.deepcopy(blocks[i]) for i in range(len(blocks)) if i not in step_blocks})
+            result = distill(student, teacher, train_rows, config.distill, progress=config.progress)
+            merge_lora(student, config.lora_merge)
+            recovery = result.to_json()
+            recovered = _quality(student, teacher, valid, config)
+            failures = config.gates.failures(before, recovered, original)
+
+        frozen = []
+        if failures:
+            for index, block in saved.items():
+                blocks[index] = block
+            set_submodule(student, head_name, saved_head[0])
+            student.config.tie_word_embeddings = saved_head[1]
+            frozen = [u.name for u in step]
+            state["frozen"] += frozen
+            gate = "rolled back"
+            console.print(f"step {number}: gate failed ({'; '.join(failures)}); rolled back, froze {len(frozen)}")
+        else:
+            state["accepted"] += [u.name for u in step]
+            current = recovered or after
+            gate = "passed after recovery" if recovered is not None else "passed"
+        taken = {u.name for u in step}
+        state["pending"] = [n for n in state["pending"] if n not in taken]
+        accepted_now = [by_name[n] for n in state["accepted"]]
+        applied = _schedule_of(fingerprint, accepted_now)
+        record = StepRecord(
+            index=number, units=[u.name for u in step], bytes_before=bytes_before,
+            bytes_after=memory.schedule_bytes(applied), parameters_after=memory.schedule_parameters(applied),
+            before=_fmt(before), after=_fmt(after),
+            recovered=_fmt(recovered), recovery=recovery, gate=gate, failures=failures, frozen=frozen,
+            seconds=round(time.perf_counter() - tick, 2))
+        steps.append(record)
+        state["steps"].append(asdict(record))
+        state["current"] = _fmt(current)
+        state["dropped"] = dropped_indices(student)
+        with physically_dropped(student):
+            save_compressed(student, tokenizer, applied, run_dir / CHECKPOINT, overwrite=True)
+        write_artifact(state_path, STAGED_TYPE, STAGED_VERSION, state)
+        if on_step is not None:
+            on_step(record)
+
+    accepted_now = [by_name[n] for n in state["accepted"]]
+    applied = _schedule_of(fingerprint, accepted_now, {**schedule.meta, "staged": {
+        "frozen": list(state["frozen"]), "steps": len(steps)}})
+    if dropped_indices(student):
+        drop_blocks(student, dropped_indices(student))
+    final_bytes = memory.schedule_bytes(applied)
+    state["complete"] = True
+    state["final"] = {**_fmt(current), "bytes": final_bytes, "parameters": memory.schedule_parameters(applied)}
+    write_artifact(state_path, STAGED_TYPE, STAGED_VERSION, state)
+    return StagedResult(student, applied, steps, list(state["frozen"]), original, current,
+                        state["original"]["bytes"], final_bytes, time.perf_counter() - started)
+
+
+def staged_table(steps: list[StepRecord], original_bytes: int, original_ppl: float):
+    """A rich table of a staged run's history."""
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(title="staged compression")
+    for name in ("step", "units", "size MiB", "ppl before", "ppl after", "ppl recovered", "KL after",
+                 "gate", "seconds"):
+        table.add_column(name, justify="left" if name in ("units", "gate") else "right")
+    table.add_row("0", "original", f"{original_bytes / 2**20:.1f}", "-", f"{original_ppl:.2f}", "-", "0",
+                  "-", "-")
+    for s in steps:
+        recovered = s.recovered
+        table.add_row(str(s.index), f"{len(s.units)}: {s.units[0]}{' ...' if len(s.units) > 1 else ''}",
+                      f"{s.bytes_after / 2**20:.1f}", f"{s.before['perplexity']:.2f}", f"{s.after['perplexity']:.2f}",
+                      "-" if recovered is None else f"{recovered['perplexity']:.2f}",
+                      f"{(recovered or s.after)['kl']:.4f}", s.gate, f"{s.seconds:.0f}")
+    return table
