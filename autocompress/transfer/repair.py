@@ -10,7 +10,8 @@ alone or with one pruning choice, as the search combines them):
   improving move fits.
 
 So the result fits and no single improving change of one unit fits any more: the budget is met
-"exactly" at the granularity of the space. Like exllamav3's allocator it is a few dozen lines
+"exactly" at the granularity of the space. When no single move fits, a pair move (one slot
+up, another down) that lowers the predicted loss is tried before stopping. Like exllamav3's allocator it is a few dozen lines
 of plain Python, with the budget only asked ``fits(schedule)``.
 """
 from __future__ import annotations
@@ -142,8 +143,31 @@ def repair(schedule: Schedule, model, budget, space, losses: LossTable, *, memor
                 break
             current[name] = before
         else:
-            break
+            if not _swap(current, candidates, cost, loss, lambda: budget.fits(build(current))):
+                break
     return build(current)
+
+
+def _swap(current: dict, candidates: dict, cost: dict, loss: dict, fits, *, tries: int = 24) -> bool:
+    """One improving pair move: upgrade one slot and pay for it by downgrading another, when
+    the pair fits and lowers the predicted loss (greedy passes alone stop at e.g. uniform
+    3 bits, where no single upgrade fits). Applies the best pair found; False if none."""
+    ups = sorted(((loss[n, now] - loss[n, c], n, c) for n, now in current.items() for c in candidates[n]
+                  if loss[n, c] < loss[n, now] and cost[n, c] > cost[n, now]), key=lambda m: -m[0])
+    downs = sorted(((loss[n, c] - loss[n, now], n, c) for n, now in current.items() for c in candidates[n]
+                    if cost[n, c] < cost[n, now]), key=lambda m: m[0])
+    for gain, up_name, up in ups[:tries]:
+        for added, down_name, down in downs:
+            if added >= gain:
+                break
+            if down_name == up_name:
+                continue
+            before = current[up_name], current[down_name]
+            current[up_name], current[down_name] = up, down
+            if fits():
+                return True
+            current[up_name], current[down_name] = before
+    return False
 
 
 def no_upgrade_fits(schedule: Schedule, budget, space, units: list[str]) -> bool:

@@ -1,0 +1,213 @@
+"""Transfer of learned schedules: coordinates, mapping across depths and families, budget repair, CLI."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autocompress.cli import main
+from autocompress.compress.apply import apply
+from autocompress.compress.memory import MemoryModel
+from autocompress.compress.tiny_models import random_tokens, tiny_model
+from autocompress.errors import UserError
+from autocompress.models import model_fingerprint
+from autocompress.profile.artifact import Profile, UnitProfile
+from autocompress.schedule import Choice, Schedule
+from autocompress.search.budget import Budget
+from autocompress.search.space import load_space
+from autocompress.transfer import agnostic_choices, describe, repair, transfer_schedule, warm_start_schedules
+from autocompress.transfer.coordinates import model_coordinates
+from autocompress.transfer.repair import no_upgrade_fits
+from autocompress.transfer.sensitivity import from_profile
+
+
+def _kl(reference, model, tokens) -> float:
+    with torch.no_grad():
+        p = F.log_softmax(reference(tokens).logits.float(), -1)
+        q = F.log_softmax(model(tokens).logits.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def _measured_profile(model, space, tokens) -> Profile:
+    """A small real profile: each block alone at each probe choice, KL to the original."""
+    fingerprint = model_fingerprint(model)
+    units = []
+    for index, name in enumerate(space.units(model)):
+        kl = {label: _kl(model, apply(copy.deepcopy(model), Schedule(fingerprint, {name: choice}), progress=False),
+                         tokens)
+              for label, choice in space.probe_choices() if choice.bits in (2, 3, 4)}
+        units.append(UnitProfile(name, index, kl=kl))
+    return Profile("tiny-llama", fingerprint, "random", "d", space.name, "s", "block", tokens.numel(), 0.0,
+                   {label: c.to_json() for label, c in space.probe_choices()}, units)
+
+
+def _memory_budget(model, schedule) -> tuple[Budget, MemoryModel, int]:
+    memory = MemoryModel.from_model(model)
+    limit = memory.schedule_bytes(schedule)
+    return Budget.parse([f"memory={limit}b"], memory), memory, limit
+
+
+@pytest.fixture(scope="module")
+def quant_space():
+    return load_space("quant-only")
+
+
+@pytest.fixture(scope="module")
+def source(quant_space):
+    """A tiny Llama (4 blocks), its measured profile and a schedule allocated from it at uniform-3-bit size."""
+    model = tiny_model("llama", layers=4)
+    profile = _measured_profile(model, quant_space, random_tokens(256, 2, 64, seed=1))
+    uniform = Schedule.uniform(model, quant_space.quant_choice(3))
+    budget, _, _ = _memory_budget(model, uniform)
+    schedule = repair(uniform, model, budget, quant_space, from_profile(profile, model_coordinates(model)))
+    return model, profile, describe(schedule, model, profile)
+
+
+def test_coordinates_round_trip_through_schedule_json(source, tmp_path):
+    model, profile, schedule = source
+    path = schedule.save(tmp_path / "schedule.json")
+    loaded = Schedule.load(path)
+    entries = {e.name: e for e in agnostic_choices(loaded)}
+    assert set(entries) == set(schedule.units)
+    assert entries["model.layers.0"].relative_depth == 0.0
+    assert entries["model.layers.3"].relative_depth == 1.0
+    assert entries["model.layers.1"].relative_depth == pytest.approx(1 / 3, abs=1e-6)
+    assert all(e.role == "block" and e.relative_size == pytest.approx(1.0) for e in entries.values())
+    assert {n: e.choice for n, e in entries.items()} == schedule.units
+    assert loaded.meta["source_model"]["blocks"] == 4 and loaded.meta["source_model"]["family"] == "llama"
+    summary = loaded.meta["source_profile"]
+    assert [u["relative_depth"] for u in summary["units"]] == pytest.approx([0, 1 / 3, 2 / 3, 1], abs=1e-6)
+    # normalised by the median KL: ratios survive, the scale does not
+    raw = profile.unit("model.layers.0").kl["bits=2"] / profile.unit("model.layers.3").kl["bits=2"]
+    assert summary["units"][0]["kl"]["bits=2"] / summary["units"][3]["kl"]["bits=2"] == pytest.approx(raw)
+
+
+def test_linear_coordinates_know_roles_and_sizes():
+    model = tiny_model("phi3", layers=3, hidden=96, intermediate=160)
+    coords = model_coordinates(model)
+    qkv = coords["model.layers.2.self_attn.qkv_proj"]
+    assert qkv.role == "qkv" and qkv.relative_depth == 1.0
+    down = coords["model.layers.1.mlp.down_proj"]
+    assert down.role == "down" and down.relative_depth == 0.5
+    # gate_up (2 x 160 x 96) is bigger than o (96 x 96), relative to the mean linear
+    assert coords["model.layers.0.mlp.gate_up_proj"].relative_size > 3 * coords["model.layers.0.self_attn.o_proj"].relative_size
+
+
+def test_coordinates_are_inferred_for_a_schedule_without_them():
+    schedule = Schedule("x", {"model.layers.0": Choice(bits=4), "model.layers.9.mlp.down_proj": Choice(bits=2)})
+    entries = {e.name: e for e in agnostic_choices(schedule)}
+    assert entries["model.layers.0"].role == "block" and entries["model.layers.0"].relative_depth == 0.0
+    assert entries["model.layers.9.mlp.down_proj"].role == "down"
+    assert entries["model.layers.9.mlp.down_proj"].relative_depth == 1.0
+    with pytest.raises(UserError, match="cannot place unit"):
+        agnostic_choices(Schedule("x", {"encoder.blocks.0": Choice(bits=4)}))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_transfer_meets_the_budget_exactly_and_beats_uniform(source, quant_space, family):
+    _, _, schedule = source
+    target = tiny_model(family, layers=6, seed=1)
+    uniform = Schedule.uniform(target, quant_space.quant_choice(3))
+    budget, memory, limit = _memory_budget(target, uniform)
+    result = transfer_schedule(schedule, target, budget, space=quant_space)
+    result.validate(target)
+    assert memory.schedule_bytes(result) <= limit
+    assert no_upgrade_fits(result, budget, quant_space, quant_space.units(target))
+    assert result.meta["transfer"]["losses"] == "source-profile"
+    # the source spent its bits on the first block and saved on the last: so does the transfer
+    assert result.units["model.layers.0"].bits > result.units["model.layers.5"].bits
+    held_out = random_tokens(256, 2, 64, seed=2)
+    kl_transfer = _kl(target, apply(copy.deepcopy(target), result, progress=False), held_out)
+    kl_uniform = _kl(target, apply(copy.deepcopy(target), uniform, progress=False), held_out)
+    assert kl_transfer < kl_uniform
+
+
+def test_transfer_between_granularities_matches_fused_roles():
+    space = load_space("quant-linear")
+    llama = tiny_model("llama", layers=4)
+    bits = {"q": 8, "k": 4, "v": 3, "o": 4, "gate": 2, "up": 4, "down": 3}
+    paths = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    schedule = describe(Schedule(model_fingerprint(llama), {f"model.layers.{i}.{paths[r]}": space.quant_choice(b)
+                                                            for i in range(4) for r, b in bits.items()}), llama)
+    phi3 = tiny_model("phi3", layers=6)
+    memory = MemoryModel.from_model(phi3)
+    budget = Budget.parse(["memory=100%"], memory)  # everything fits: the mapping shows unrepaired
+    result = transfer_schedule(schedule, phi3, budget, space=space)
+    mapped = {name: Choice.from_json(e["mapped"]) for name, e in result.meta["transfer"]["units"].items()}
+    # qkv takes the size-weighted mean of q (8), k (4), v (3): q is twice k and v here -> 5.75 -> snapped to 4 or 8
+    assert mapped["model.layers.0.self_attn.qkv_proj"].bits in (4, 8)
+    assert mapped["model.layers.3.mlp.gate_up_proj"].bits == 3  # mean of gate 2 and up 4
+    assert mapped["model.layers.5.mlp.down_proj"].bits == 3
+    assert memory.schedule_bytes(result) <= budget.limits[0].value
+
+
+def test_budget_below_the_minimum_is_one_clear_error(source, quant_space):
+    _, _, schedule = source
+    target = tiny_model("qwen2", layers=6)
+    budget = Budget.parse(["memory=5%"], MemoryModel.from_model(target))
+    with pytest.raises(UserError, match="below the minimum"):
+        transfer_schedule(schedule, target, budget, space=quant_space)
+
+
+def test_warm_start_schedules_fit_and_differ(source, quant_space, tmp_path):
+    _, _, schedule = source
+    schedule.save(tmp_path / "schedule.json")
+    target = tiny_model("qwen2", layers=6, seed=1)
+    budget, memory, limit = _memory_budget(target, Schedule.uniform(target, quant_space.quant_choice(3)))
+    schedules = warm_start_schedules(tmp_path, target, quant_space, budget)
+    assert len(schedules) >= 3
+    assert all(memory.schedule_bytes(s) <= limit for s in schedules)
+    assert len({tuple(sorted((k, v.bits) for k, v in s.units.items())) for s in schedules}) == len(schedules)
+    with pytest.raises(UserError, match="no schedule found"):
+        warm_start_schedules(tmp_path / "missing", target, quant_space, budget)
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(source, tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("transfer")
+    _, _, schedule = source
+    schedule.save(root / "run" / "schedule.json")
+    target = root / "qwen2"
+    tiny_model("qwen2", layers=6, seed=1).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return root
+
+
+def _one_line_error(capsys, argv, fragment):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_cli_transfer_writes_schedule_and_prints_budget(saved, capsys):
+    out = saved / "run2"
+    assert main(["transfer", str(saved / "run"), str(saved / "qwen2"), "--budget", "memory=60%",
+                 "--space", "quant-only", "--out", str(out), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.5" in printed and "memory=60%" in printed and "% used" in printed
+    result = Schedule.load(out / "schedule.json")
+    assert result.meta["agnostic"]["model.layers.5"]["relative_depth"] == 1.0
+    assert result.meta["transfer"]["target_model"]["family"] == "qwen2"
+
+
+def test_cli_incompatible_targets_fail_with_one_line(saved, capsys, tokenizer):
+    from transformers import GPTNeoXConfig, LlamaConfig, AutoModelForCausalLM
+
+    neox = saved / "neox"
+    AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=384, hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=4, intermediate_size=64)).save_pretrained(neox)
+    tokenizer.save_pretrained(neox)
+    _one_line_error(capsys, ["transfer", str(saved / "run"), str(neox), "--budget", "memory=60%"], "not supported")
+    empty = saved / "no-blocks"
+    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=384, hidden_size=32, num_hidden_layers=0,
+                                                 num_attention_heads=4, intermediate_size=64)).save_pretrained(empty)
+    tokenizer.save_pretrained(empty)
+    _one_line_error(capsys, ["transfer", str(saved / "run"), str(empty), "--budget", "memory=60%"],
+                    "no decoder blocks")
+    _one_line_error(capsys, ["transfer", str(saved / "run"), str(saved / "qwen2"), "--budget", "memory=3%",
+                             "--space", "quant-only", "--out", str(saved / "x")], "below the minimum")
