@@ -1,0 +1,72 @@
+"""Sensitivity predictor: learns from profiles, saves as JSON (no pickle), ranks an unseen model's units."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from autocompress.compress.tiny_models import tiny_model
+from autocompress.errors import UserError
+from autocompress.profile.artifact import Profile, UnitProfile
+from autocompress.search.space import load_space
+from autocompress.transfer.predictor import SensitivityPredictor, predicted_kl, select_units_to_measure
+
+LABELS = {"bits=2": 2, "bits=3": 3, "bits=4": 4}
+
+
+def _profile(name: str, blocks: int, seed: int) -> Profile:
+    """A profile whose KL follows a law the predictor can learn: sensitive ends, x4 per bit,
+    and a proxy ("fisher") that tracks the sensitivity with noise."""
+    rng = np.random.default_rng(seed)
+    space = load_space("quant-only")
+    units = []
+    for i in range(blocks):
+        depth = i / (blocks - 1)
+        sensitivity = 1 + 6 * math.exp(-8 * depth) + 3 * math.exp(-8 * (1 - depth)) + rng.uniform(0, 0.5)
+        kl = {label: 0.01 * sensitivity * 4.0 ** (4 - bits) * rng.uniform(0.9, 1.1) for label, bits in LABELS.items()}
+        units.append(UnitProfile(f"model.layers.{i}", i, parameters=1000, kl=kl,
+                                 proxies={"fisher": sensitivity * rng.uniform(0.8, 1.2), "noise": rng.normal()}))
+    return Profile(name, f"fp-{name}", "d", "dfp", "quant-only", "sfp", "block", 1024, 3.0,
+                   {label: space.quant_choice(bits).to_json() for label, bits in LABELS.items()}, units)
+
+
+def test_predictor_ranks_an_unseen_model_and_round_trips_json(tmp_path):
+    predictor = SensitivityPredictor.from_profiles([_profile("a", 8, 0), _profile("b", 12, 1)], trees=60)
+    held_out = _profile("c", 10, 2)
+    rho = predictor.spearman(held_out)
+    assert rho["overall"] > 0.9  # bits dominate the ranking
+    assert rho["within_label"] > 0.6  # and within one bit width the depth/proxy law carries over
+    path = predictor.save(tmp_path / "predictor.json")
+    text = path.read_text()
+    assert json.loads(text)["type"] == "sensitivity-predictor"
+    loaded = SensitivityPredictor.load(path)
+    assert loaded.spearman(held_out) == pytest.approx(rho)
+    assert loaded.sources == ["a", "b"]
+
+
+def test_predictor_file_is_checked_strictly(tmp_path):
+    path = SensitivityPredictor.from_profiles([_profile("a", 6, 0)], trees=5).save(tmp_path / "p.json")
+    data = json.loads(path.read_text())
+    data["data"]["targets"] = data["data"]["targets"][:-1]
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="one target number each"):
+        SensitivityPredictor.load(tmp_path / "bad.json")
+    data["data"]["extra"] = 1
+    (tmp_path / "bad2.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="needs exactly"):
+        SensitivityPredictor.load(tmp_path / "bad2.json")
+
+
+def test_select_units_to_measure_and_predict_the_rest():
+    predictor = SensitivityPredictor.from_profiles([_profile("a", 8, 0), _profile("b", 12, 1)], trees=40)
+    model = tiny_model("qwen2", layers=6)
+    probes = [(label, load_space("quant-only").quant_choice(bits)) for label, bits in LABELS.items()]
+    chosen = select_units_to_measure(predictor, model, probes, fraction=0.5)
+    assert len(chosen) == 3 and len(set(chosen)) == 3
+    assert {"model.layers.0", "model.layers.5"} <= set(chosen)
+    rest = [f"model.layers.{i}" for i in range(6) if f"model.layers.{i}" not in chosen]
+    predicted = predicted_kl(predictor, model, probes, rest, scale=0.02)
+    for unit in rest:
+        assert predicted[unit]["bits=2"] > predicted[unit]["bits=3"] > predicted[unit]["bits=4"] > 0
