@@ -210,7 +210,7 @@ def render_report(run: data.Run) -> str:
     rows = dict(data.summary_rows(run))
     model = rows.get("model", "-")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return render_page(f"autocompress report: {model}", f"run {run.run_dir.resolve()} · written {stamp}",
+    return render_page(f"autocompress report: {model}", f"run {run.run_dir} · written {stamp}",
                        build_sections(run), get_plotlyjs(),
                        footer="Written by autocompress report. Self-contained: opens offline, fetches nothing.")
 

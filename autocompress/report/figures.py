@@ -97,7 +97,9 @@ def schedule_figure(info: ScheduleInfo) -> go.Figure:
     fig.update_yaxes(range=[0, 1], row=2, col=1)
     fig.update_layout(barmode="group")
     fig.update_xaxes(tickangle=-60, row=3, col=1)
-    return styled(fig, height=640)
+    styled(fig, height=680)
+    fig.update_layout(margin=dict(t=90), legend=dict(y=1.06))
+    return fig
 
 
 def _hover(point: TrialPoint) -> str:
@@ -121,7 +123,9 @@ def _hover(point: TrialPoint) -> str:
 def pareto_figure(info: ParetoInfo) -> go.Figure:
     """Memory vs quality loss: trials by source, baselines labelled, the front as a step line, the chosen point starred."""
     fig = go.Figure()
-    usable = [p for p in info.trials if p.memory is not None and p.quality is not None]
+    baseline_numbers = {p.number for p in info.baselines if p.number is not None}
+    usable = [p for p in info.trials if p.memory is not None and p.quality is not None
+              and p.number not in baseline_numbers]  # baselines are drawn once, as labelled diamonds
     for index, source in enumerate(sorted({p.source for p in usable})):
         points = [p for p in usable if p.source == source]
         fig.add_trace(go.Scatter(
@@ -220,7 +224,7 @@ def optuna_figures(storage: str, study_name: str) -> dict[str, go.Figure | str]:
     for name, plot, height in (("history", plot_optimization_history, 420),
                                ("importances", plot_param_importances, max(320, 90 + 16 * min(params, 40)))):
         try:
-            figures[name] = styled(plot(study, **kwargs), height=height)
+            figures[name] = styled(plot(study, **kwargs), height=height).update_layout(title=None)
         except Exception as exc:  # noqa: BLE001 (e.g. importances need two completed trials)
             figures[name] = f"Optuna could not draw it: {type(exc).__name__}: {exc}"
     return figures
