@@ -1,0 +1,77 @@
+"""``autocompress search RUN --budget ... --trials N``: budget-constrained Optuna search."""
+from __future__ import annotations
+
+import argparse
+
+from .common import add_threads, positive_int
+
+
+def register(verbs) -> None:
+    """Add the ``search`` sub-command."""
+    se = verbs.add_parser(
+        "search", help="find per-block bits and pruning under a budget (Optuna)",
+        description="Search per-unit bit widths and pruning for the model profiled in RUN (RUN/profile.json) "
+                    "under --budget. Baselines (uniform, knapsack, greedy) are the first trials; the best "
+                    "trial measured on held-aside calibration text goes to RUN/schedule.json, every trial to "
+                    "RUN/search.json. The study lives in --storage, so a killed search resumes (--resume) and "
+                    "several workers (--workers, or the same command in several shells/machines with --resume) "
+                    "share it.")
+    se.add_argument("run", metavar="RUN", help="run directory holding profile.json")
+    se.add_argument("--budget", action="append", required=True, metavar="SPEC",
+                    help="memory=60MB|45%%, avg-bits=3.5, params=70%%, latency=4ms@h100; comma-separated "
+                         "or repeated")
+    se.add_argument("--trials", type=positive_int, default=200,
+                    help="finished trials the study should hold in total, all workers together (default 200)")
+    se.add_argument("--space", help="search space name or YAML (default: the profile's space)")
+    se.add_argument("--storage", help="Optuna storage: sqlite:///path.db, postgresql://..., or a file "
+                                      "ending in .journal (default sqlite:///RUN/study.db)")
+    se.add_argument("--study-name", help="study name (default: SPACE:BUDGET)")
+    se.add_argument("--resume", action="store_true", help="continue (or join) an existing study")
+    se.add_argument("--pareto", action="store_true",
+                    help="NSGA-II over (KL, memory, latency) instead of TPE on KL")
+    se.add_argument("--workers", type=positive_int, default=1, help="worker processes on this machine")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--measure", type=int, help="most real evaluations (default: trials/4 plus baselines)")
+    se.add_argument("--holdout-tokens", type=positive_int, default=2048,
+                    help="held-aside calibration tokens to measure candidates on (default 2048)")
+    se.add_argument("--calibration-tokens", type=positive_int, default=2048,
+                    help="calibration tokens for Wanda/GPTQ statistics (default 2048)")
+    se.add_argument("--window", type=positive_int, default=256, help="window length (default 256)")
+    se.add_argument("--warm-start", metavar="SCHEDULE", help="enqueue schedules transferred from SCHEDULE first")
+    se.add_argument("--device", default="h100", help="device for latency figures (default h100; a latency "
+                                                      "budget's @DEVICE wins)")
+    se.add_argument("--batch", type=positive_int, default=1, help="decode batch for latency (default 1)")
+    se.add_argument("--context", type=positive_int, default=512, help="KV-cache length for latency (default 512)")
+    se.add_argument("--measure-latency", dest="measure_latency", action="store_const", const=True, default=None,
+                    help="time the linears on the device (default: when it is at hand)")
+    se.add_argument("--roofline", dest="measure_latency", action="store_const", const=False,
+                    help="latency from the roofline only, even on the device")
+    se.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a spawned worker process
+    se.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads(se)
+    se.set_defaults(run=run)
+
+
+def run(args) -> int:
+    """Run the search; print the baselines-vs-best table."""
+    from rich.console import Console  # noqa: PLC0415
+
+    from ..search.study import SearchSettings, result_table, search  # noqa: PLC0415
+
+    settings = SearchSettings(
+        run_dir=args.run, budget=tuple(args.budget), trials=args.trials, space=args.space, storage=args.storage,
+        study_name=args.study_name, resume=args.resume, pareto=args.pareto, workers=args.workers, seed=args.seed,
+        holdout_tokens=args.holdout_tokens, window=args.window, calibration_tokens=args.calibration_tokens,
+        measure=args.measure, warm_start=args.warm_start, device=args.device, batch=args.batch,
+        context=args.context, measure_latency=args.measure_latency, progress=not (args.no_progress or args.worker),
+        finalize=not args.worker, threads=args.threads)
+    result = search(settings)
+    if args.worker:
+        return 0
+    console = Console()
+    console.print(result_table(result))
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"wrote {args.run}/schedule.json and {args.run}/search.json (study {result.study_name!r} "
+                  f"in {result.storage})")
+    return 0

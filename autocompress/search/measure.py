@@ -1,0 +1,153 @@
+"""Measure a candidate for real without copying the model: swap compressed blocks in, run, swap back.
+
+Each (block, option) is compressed once, when a trial first needs it, with
+:func:`~autocompress.compress.apply.compress_block` (a compressed copy of the original
+block) and kept in a bounded cache. A trial puts the cached blocks into the model's
+``ModuleList``, runs one forward pass over the held-aside windows, and restores the original
+blocks, so the model is never deep-copied and a trial costs one forward pass.
+
+The reference is the original model's next-token distribution on the same windows, computed
+once (kept in 16 bits). Wanda scores and GPTQ Hessians use each block's inputs from the
+*original* model on calibration tokens (not the held-aside slice).
+
+Example::
+
+    evaluator = SwapEvaluator(model, slots, holdout, calibration)
+    evaluator.measure(picks, report=lambda step, kl: False)   # {"kl", "loss", "ppl"}
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compress.apply import compress_block, needs_calibration
+from ..compress.calibrate import BlockInputs, capture_block_inputs, run_block
+from ..models import adapter_for
+from ..schedule import Choice
+from .decisions import Slot
+
+
+class Pruned(Exception):
+    """Raised by :meth:`SwapEvaluator.measure` when ``report`` asks to stop early."""
+
+    def __init__(self, step: int, kl: float):
+        super().__init__(f"stopped after window batch {step} at KL {kl:.4g}")
+        self.step, self.kl = step, kl
+
+
+class SwapEvaluator:
+    """Quality of slot picks on held-aside windows, by swapping cached compressed blocks."""
+
+    def __init__(self, model: nn.Module, slots: list[Slot], holdout: torch.Tensor, calibration: torch.Tensor | None,
+                 *, batch_size: int = 2, max_cached: int = 192):
+        self.model = model
+        self.slots = slots
+        self.adapter = adapter_for(model)
+        self.blocks = self.adapter.blocks(model)
+        self.originals = list(self.blocks)
+        self.holdout = holdout  # [windows, window]
+        self.calibration = calibration  # [rows, seq] or None
+        self.batch_size = batch_size
+        self.max_cached = max_cached
+        self.cache: OrderedDict = OrderedDict()
+        self.compressions = 0
+        self._inputs: list[BlockInputs] | None = None
+        self._slots_of_block: dict[int, list[Slot]] = {}
+        for slot in slots:
+            self._slots_of_block.setdefault(slot.block, []).append(slot)
+        self.reference = [F.log_softmax(self._logits(batch), -1).to(torch.float16) for batch in self._batches()]
+
+    def _batches(self):
+        return self.holdout.split(self.batch_size)
+
+    @torch.no_grad()
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+
+    def _block_inputs(self, index: int) -> BlockInputs:
+        if self._inputs is None:
+            if self.calibration is None:
+                raise ValueError("this search space needs calibration tokens (Wanda scores or GPTQ)")
+            inputs = capture_block_inputs(self.model, self.calibration, batch_size=self.batch_size)
+            self._inputs = []
+            for block in self.originals:
+                self._inputs.append(inputs)
+                inputs = inputs.with_hidden(run_block(block, inputs, batch_size=self.batch_size))
+        return self._inputs[index]
+
+    def _plan(self, index: int, picks: dict[str, str]) -> tuple[Choice, dict[str, Choice]] | None:
+        """The block's (choice, linear overrides), or None when it stays as it is."""
+        prefix = f"{self.adapter.blocks_path}.{index}"
+        choice, linears = Choice(), {}
+        for slot in self._slots_of_block.get(index, []):
+            option = slot.option(picks[slot.name])
+            for member in slot.members:
+                if member == prefix:
+                    choice = option.choice
+                else:
+                    linears[member[len(prefix) + 1:]] = option.choice
+        linears = {p: c for p, c in linears.items() if c != Choice()}
+        if choice == Choice() and not linears:
+            return None
+        return choice, linears
+
+    def compressed(self, index: int, choice: Choice, linears: dict[str, Choice]) -> nn.Module:
+        """Block ``index`` compressed as planned (cached; compressed at most once while cached)."""
+        key = (index, choice, tuple(sorted(linears.items(), key=lambda kv: kv[0])))
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        full = {p: linears.get(p, choice) for p in self.adapter.linears.values()}
+        inputs = self._block_inputs(index) if needs_calibration(choice, full) else None
+        block = compress_block(self.originals[index], index, self.model, choice, inputs,
+                               linear_choices=linears or None, batch_size=self.batch_size)
+        self.compressions += 1
+        self.cache[key] = block
+        while len(self.cache) > self.max_cached:
+            self.cache.popitem(last=False)
+        return block
+
+    @torch.no_grad()
+    def measure(self, picks: dict[str, str], report: Callable[[int, float], bool] | None = None) -> dict[str, float]:
+        """KL(original || candidate), loss and perplexity on the held-aside windows.
+
+        ``report(step, running_kl)`` is called after each batch of windows; returning True
+        stops the measurement (raises :class:`Pruned`).
+        """
+        swapped = {}
+        for index in range(len(self.originals)):
+            plan = self._plan(index, picks)
+            if plan is not None:
+                swapped[index] = self.compressed(index, *plan)
+        try:
+            for index, block in swapped.items():
+                self.blocks[index] = block
+            kl_sum, nll_sum, count = 0.0, 0.0, 0
+            for step, (batch, reference) in enumerate(zip(self._batches(), self.reference)):
+                log_probs = F.log_softmax(self._logits(batch), -1)
+                targets = batch[:, 1:]
+                nll_sum += -log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
+                kl_sum += F.kl_div(log_probs, reference.float(), log_target=True, reduction="sum").item()
+                count += targets.numel()
+                if report is not None and report(step, kl_sum / count):
+                    raise Pruned(step, kl_sum / count)
+        finally:
+            for index in swapped:
+                self.blocks[index] = self.originals[index]
+        loss = nll_sum / count
+        return {"kl": kl_sum / count, "loss": loss, "ppl": float(torch.tensor(loss).exp())}
+
+    @torch.no_grad()
+    def original_quality(self) -> dict[str, float]:
+        """Loss and perplexity of the untouched model on the held-aside windows."""
+        nll_sum, count = 0.0, 0
+        for batch, reference in zip(self._batches(), self.reference):
+            targets = batch[:, 1:]
+            nll_sum += -reference.float().gather(-1, targets.unsqueeze(-1)).sum().item()
+            count += targets.numel()
+        loss = nll_sum / count
+        return {"loss": loss, "ppl": float(torch.tensor(loss).exp())}

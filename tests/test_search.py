@@ -1,0 +1,247 @@
+"""Search: budgets, costs, baselines, the Optuna study, persistence (tiny models, real storages)."""
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autocompress.compress.memory import MemoryModel
+from autocompress.errors import UserError
+from autocompress.models import load_model, model_fingerprint
+from autocompress.schedule import Choice, Schedule
+from autocompress.search import baselines
+from autocompress.search.budget import Budget
+from autocompress.search.decisions import build_slots, to_schedule
+from autocompress.search.result import SearchResult
+from autocompress.search.space import load_space
+from autocompress.search.study import SearchSettings, open_storage, search
+
+TINY = dict(holdout_tokens=1024, window=128, calibration_tokens=512, progress=False)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizer):
+    from search_helpers import make_run
+
+    return make_run(tmp_path_factory.mktemp("search"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from tiny import tiny_model
+
+    return tiny_model("llama")
+
+
+# -- budgets -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, words", [
+    ("memory=abc", "expected a size"), ("speed=3", "unknown kind 'speed'"), ("latency=4ms@tpu", "unknown device"),
+    ("avg-bits=-1", "positive"), ("memory=60MB,memory=50MB", "twice"), ("params=150%", "above 100"),
+    ("latency=4ms@h100,latency=3ms@cpu", "several devices"), ("latency=fast@h100", "expected a time"),
+    ("memory=50%,", "empty budget"),
+])
+def test_budget_errors_are_one_line(tiny_llama, spec, words):
+    with pytest.raises(UserError) as err:
+        Budget.parse([spec], MemoryModel.from_model(tiny_llama))
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_budget_resolves_limits(tiny_llama):
+    memory = MemoryModel.from_model(tiny_llama)
+    budget = Budget.parse(["memory=45%,avg-bits=3.5", "params=70%", "latency=4ms@a100"], memory)
+    dense = memory.schedule_bytes(Schedule("", {}))
+    limits = {limit.figure: limit.value for limit in budget.limits}
+    assert limits["memory_bytes"] == pytest.approx(0.45 * dense)
+    assert limits["avg_bits"] == 3.5 and limits["latency_ms"] == 4.0
+    assert limits["params"] == pytest.approx(0.7 * memory.schedule_parameters(Schedule("", {})))
+    assert budget.latency_source == "roofline:a100"
+    assert Budget.parse(["memory=60MB"], memory).limits[0].value == 60e6
+    assert Budget.parse(["memory=1.5MiB"], memory).limits[0].value == 1.5 * 2**20
+
+
+def test_figures_are_exact_and_additive(tiny_llama):
+    """Every figure of a random pick, summed from the per-slot tables, equals the schedule's."""
+    memory = MemoryModel.from_model(tiny_llama)
+    fp = model_fingerprint(tiny_llama)
+    for space_name in ("default", "quant-linear"):
+        space = load_space(space_name)
+        slots = build_slots(space, tiny_llama)
+        budget = Budget.parse(["memory=50%"], memory)
+        base, tables = budget.cost.slot_costs(slots)
+        rng = np.random.default_rng(0)
+        for _ in range(20):
+            picks = [int(rng.integers(len(s.options))) for s in slots]
+            schedule = to_schedule(slots, {s.name: s.options[i].label for s, i in zip(slots, picks)}, fp)
+            if all(schedule.units.get(f"model.layers.{i}", Choice()).drop for i in range(3)):
+                continue
+            summed = budget.cost.to_figures(base + sum(t[i] for t, i in zip(tables, picks)))
+            exact = budget.evaluate(schedule)
+            assert summed["memory_bytes"] == exact["memory_bytes"] == memory.schedule_bytes(schedule)
+            for key in ("avg_bits", "params", "latency_ms"):
+                assert summed[key] == pytest.approx(exact[key], rel=1e-9)
+    tied = [s for s in build_slots(load_space("quant-linear"), tiny_llama) if ":" in s.name]
+    assert tied[0].members == tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+
+
+def test_infeasible_budget_names_the_minimum(tiny_llama):
+    memory = MemoryModel.from_model(tiny_llama)
+    space = load_space("quant-only")
+    slots = build_slots(space, tiny_llama)
+    budget = Budget.parse(["memory=10%"], memory)
+    base, tables = budget.cost.slot_costs(slots)
+    smallest = memory.schedule_bytes(Schedule.uniform(tiny_llama, space.quant_choice(2)))
+    with pytest.raises(UserError) as err:
+        budget.check_feasible(base, tables)
+    assert f"memory={smallest / 1e6:.4g} MB" in str(err.value)
+    bits = Budget.parse(["avg-bits=1.5"], memory)
+    with pytest.raises(UserError, match=r"avg-bits=2\.\d+ bits"):
+        bits.check_feasible(*bits.cost.slot_costs(slots))
+
+
+# -- baselines -----------------------------------------------------------------------------
+
+def test_knapsack_is_optimal_against_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(25):
+        slots, options = 5, 4
+        values = [rng.random(options) for _ in range(slots)]
+        costs = [rng.integers(1, 20, options).astype(float) for _ in range(slots)]
+        capacity = float(rng.integers(15, 70))
+        best = None
+        for combo in itertools.product(range(options), repeat=slots):
+            if sum(costs[s][o] for s, o in enumerate(combo)) <= capacity:
+                value = sum(values[s][o] for s, o in enumerate(combo))
+                best = value if best is None or value < best else best
+        picks = baselines.knapsack(values, costs, capacity, quantum=1.0)
+        if best is None:
+            assert picks is None
+            continue
+        assert sum(costs[s][o] for s, o in enumerate(picks)) <= capacity
+        assert sum(values[s][o] for s, o in enumerate(picks)) == pytest.approx(best)
+        raw = [np.stack([c, np.zeros(options), np.zeros(options), np.zeros(options)], 1) for c in costs]
+        limits = np.array([capacity, np.inf, np.inf, np.inf])
+        greedy = baselines.greedy(values, raw, limits)
+        assert baselines.fits(raw, greedy, limits)
+        assert sum(values[s][o] for s, o in enumerate(greedy)) >= best - 1e-12
+
+
+# -- the search ----------------------------------------------------------------------------
+
+def test_search_meets_memory_exactly_and_keeps_the_best_baseline(run_dir, tmp_path):
+    from autocompress.compress.apply import apply
+    from autocompress.compress.saving import save_compressed
+
+    settings = SearchSettings(str(run_dir), ("memory=45%",), trials=14, storage=f"sqlite:///{tmp_path}/a.db", **TINY)
+    result = search(settings)
+    loaded = load_model(str(run_dir.parent / "model"))
+    memory = MemoryModel.from_model(loaded.model)
+    schedule = Schedule.load(run_dir / "schedule.json")
+    limit = result.budget["limits"]["memory_bytes"]
+    assert memory.schedule_bytes(schedule) <= limit
+    assert schedule.meta["search"]["memory_bytes"] == memory.schedule_bytes(schedule)
+
+    saved = SearchResult.load(run_dir / "search.json")
+    assert len(saved.trials) == 14 and saved.best == result.best
+    best = saved.trial(saved.best)
+    measured = [b["measured_kl"] for b in saved.baselines.values()]
+    assert {"knapsack", "greedy"} <= set(saved.baselines) and any(k.startswith("uniform:") for k in saved.baselines)
+    assert all(m is not None for m in measured) and best.measured_kl <= min(measured)
+    assert saved.beat_baselines == (not best.source.startswith(("uniform:", "knapsack", "greedy")))
+    assert all(t.latency_source == "roofline:h100" for t in saved.trials)
+    assert saved.pareto and saved.best in [t.number for t in saved.trials]
+
+    from autocompress.data import load_tokens
+
+    calibration = load_tokens("stdlib-docs", loaded.tokenizer, "calibration", 512).tokens
+    apply(loaded.model, schedule, calibration, progress=False, seq_len=128)
+    weights = save_compressed(loaded.model, loaded.tokenizer, schedule, tmp_path / "compressed") / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as handle:
+        stored = sum(handle.get_tensor(k).numel() * handle.get_tensor(k).element_size() for k in handle.keys())
+    assert stored == memory.schedule_bytes(schedule)
+
+    with pytest.raises(UserError, match="already exists.*--resume"):
+        search(settings)
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_resume_continues_to_the_total(run_dir, tmp_path, storage):
+    url = f"sqlite:///{tmp_path}/s.db" if storage == "sqlite" else str(tmp_path / "s.journal")
+    common = dict(budget=("avg-bits=3.5",), space="quant-only", storage=url, measure=3, **TINY)
+    first = search(SearchSettings(str(run_dir), trials=6, **common))
+    second = search(SearchSettings(str(run_dir), trials=10, resume=True, **common))
+    assert [t.choices for t in second.trials[:6]] == [t.choices for t in first.trials]
+    assert sum(t.state in ("COMPLETE", "PRUNED") for t in second.trials) == 10
+
+
+def _count_finished(url: str) -> int:
+    import optuna
+
+    storage = open_storage(url)
+    summaries = optuna.study.get_all_study_summaries(storage, include_best_trial=False)
+    if not summaries:
+        return 0
+    study = optuna.load_study(study_name=summaries[0].study_name, storage=storage)
+    return sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+
+
+def _cli(run_dir: Path, *extra: str, budget: str = "memory=45%") -> list[str]:
+    return [sys.executable, "-m", "autocompress", "search", str(run_dir), "--budget", budget,
+            "--holdout-tokens", "1024", "--window", "128", "--calibration-tokens", "512", "--threads", "1",
+            "--no-progress", "--measure", "4", *extra]
+
+
+def test_sigkill_then_resume_loses_no_completed_trial(run_dir, tmp_path):
+    url = f"sqlite:///{tmp_path}/kill.db"
+    proc = subprocess.Popen(_cli(run_dir, "--trials", "500", "--storage", url),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        if (tmp_path / "kill.db").exists() and _count_finished(url) >= 8:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _count_finished(url)
+    assert before >= 8
+    refused = subprocess.run(_cli(run_dir, "--trials", str(before + 3), "--storage", url), capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    resumed = subprocess.run(_cli(run_dir, "--trials", str(before + 3), "--storage", url, "--resume"),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _count_finished(url) == before + 3
+    result = SearchResult.load(run_dir / "search.json")
+    assert sum(t.state == "FAIL" for t in result.trials) <= 1  # the trial running at the kill, at most
+
+
+def test_two_workers_finish_exactly_the_requested_trials(run_dir, tmp_path):
+    url = str(tmp_path / "two.journal")
+    done = subprocess.run(_cli(run_dir, "--trials", "16", "--storage", url, "--workers", "2"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert _count_finished(url) == 16
+    result = SearchResult.load(run_dir / "search.json")
+    assert sum(t.state in ("COMPLETE", "PRUNED") for t in result.trials) == 16
+
+
+def test_malformed_space_and_infeasible_budget_on_the_cli(run_dir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nbits: [5]\n")
+    out = subprocess.run(_cli(run_dir, "--space", str(bad), "--storage", f"sqlite:///{tmp_path}/x.db"),
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "bits" in out.stderr and len(out.stderr.splitlines()) == 1
+    out = subprocess.run(_cli(run_dir, "--storage", f"sqlite:///{tmp_path}/y.db", budget="memory=1%"),
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "smallest it reaches is memory=" in out.stderr
+    assert len(out.stderr.splitlines()) == 1
