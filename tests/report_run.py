@@ -130,8 +130,28 @@ def build_run(run_dir: Path, model: str = "tiny-llama", *, study: bool = True, s
     write_eval(make_eval(f"{run_dir}/model", 24.0, 60 * 2**20, 0.25), run_dir / "eval.json")
     write_eval(make_eval(model, 16.0, 270 * 2**20, None), run_dir / "eval_original.json")
     if staged:
-        write_artifact(run_dir / "staged.json", "staged", 1, {"steps": [
-            {"step": 1, "size_bytes": 200 * 2**20, "kl_before": 0.05, "kl_after": 0.03, "gate": "passed"},
-            {"step": 2, "size_bytes": 120 * 2**20, "kl_before": 0.4, "kl_after": 0.2, "gate": f"rolled back {model}"},
-        ]})
+        write_artifact(run_dir / "staged.json", "staged", 1, staged_history(model))
     return run_dir
+
+
+def staged_history(model: str) -> dict:
+    """A staged.json as staged_apply writes it: one passed step, one passed after recovery, one rolled back."""
+    def quality(ppl, kl):
+        return {"perplexity": ppl, "loss": 2.9, "kl": kl}
+
+    step = dict(recovery=None, recovered=None, failures=[], frozen=[], seconds=12.5)
+    return {"original": {**quality(16.0, 0.0), "bytes": 270 * 2**20, "parameters": 135_000_000},
+            "steps": [
+                {**step, "index": 1, "units": [unit_name(1), unit_name(2)], "bytes_before": 270 * 2**20,
+                 "bytes_after": 230 * 2**20, "parameters_after": 1, "before": quality(16.0, 0.0),
+                 "after": quality(17.0, 0.05), "gate": "passed"},
+                {**step, "index": 2, "units": [unit_name(i) for i in range(5)], "bytes_before": 230 * 2**20,
+                 "bytes_after": 195 * 2**20, "parameters_after": 1, "before": quality(17.0, 0.05),
+                 "after": quality(25.0, 0.3), "recovered": quality(19.0, 0.12), "recovery": {"steps": 100},
+                 "gate": "passed after recovery"},
+                {**step, "index": 3, "units": [model], "bytes_before": 195 * 2**20, "bytes_after": 195 * 2**20,
+                 "parameters_after": 1, "before": quality(19.0, 0.12), "after": quality(40.0, 0.9),
+                 "recovered": quality(30.0, 0.5), "recovery": {"steps": 100}, "gate": "rolled back",
+                 "failures": ["step perplexity +58% > 25%"], "frozen": [model]}],
+            "frozen": [model], "accepted": [], "pending": [], "complete": True,
+            "final": {**quality(19.0, 0.12), "bytes": 195 * 2**20, "parameters": 1}}

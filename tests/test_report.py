@@ -32,7 +32,7 @@ def test_load_run_reads_every_artifact(run):
     assert run.profile.model == "tiny-llama" and len(run.search.trials) == 12
     assert run.schedule.units[unit_name(3)].drop
     assert run.evaluation["perplexity"] == 24.0 and run.original["perplexity"] == 16.0
-    assert len(run.staged["steps"]) == 2
+    assert len(run.staged["steps"]) == 3
 
 
 def test_load_run_names_missing_and_broken_artifacts(tmp_path):
@@ -168,9 +168,17 @@ def test_eval_and_staged_tables(run):
     table = {r[0]: r[1:] for r in rows}
     assert table["perplexity"] == ["16", "24"] and table["size as stored"] == ["270.0 MiB", "60.0 MiB"]
     assert table["KL to reference"] == ["-", "0.25"] and table["top-1 agreement"] == ["-", "90.00%"]
-    header, rows = data.staged_rows(run.staged)
-    assert header == ["step", "size_bytes", "kl_before", "kl_after", "gate"]
-    assert rows[1] == ["2", "120.0 MiB", "0.4", "0.2", "rolled back tiny-llama"]
+    info = data.staged_info(run.staged)
+    assert [s.gate for s in info.steps] == ["passed", "passed after recovery", "rolled back"]
+    assert info.steps[1].recovered["perplexity"] == 19.0 and info.steps[0].recovered is None
+    assert info.complete and info.final["bytes"] == 195 * 2**20 and info.frozen == ["tiny-llama"]
+    header, rows = data.staged_rows(info)
+    table = [dict(zip(header, row)) for row in rows]
+    assert table[0]["units"] == "model.layers.1, model.layers.2" and table[0]["after recovery"] == "-"
+    assert table[1]["units"] == "model.layers.0, model.layers.1, model.layers.2 and 2 more"
+    assert (table[1]["size before"], table[1]["size after"], table[1]["KL after"]) == ("230.0 MiB", "195.0 MiB", "0.12")
+    assert table[2]["failures"] == "step perplexity +58% > 25%"
+    assert data.staged_info({"steps": []}).steps == []
 
 
 def test_format_bytes_picks_a_readable_unit():
@@ -194,7 +202,7 @@ def test_full_report_has_every_section_and_plotly_once(run_dir):
     assert sections == ["summary", "sensitivity", "roles", "schedule", "pareto", "history", "importances",
                         "prediction", "evaluation", "staged", "artifacts"]
     assert _plots(page) == ["fig-sensitivity", "fig-roles", "fig-schedule", "fig-pareto", "fig-history",
-                            "fig-importances", "fig-prediction"]
+                            "fig-importances", "fig-prediction", "fig-staged"]
     assert 'class="missing"' not in page
     assert page.count("Plotly.newPlot(") - _plots(page).__len__() <= 2  # plotly.js itself names it at most twice
     scripts = re.findall(r"<script[^>]*>", page)

@@ -136,7 +136,7 @@ def test_report_renders_in_chromium_without_errors(report, tmp_path):
     plots.feed(dom)
     assert plots.sections == ["summary", "sensitivity", "roles", "schedule", "pareto", "history", "importances",
                               "prediction", "evaluation", "staged", "artifacts"]
-    assert len(plots.rendered) == 7 and all(plots.rendered.values()), plots.rendered
+    assert len(plots.rendered) == 8 and all(plots.rendered.values()), plots.rendered
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom  # the hostile model name is shown as text
 
 

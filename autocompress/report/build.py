@@ -181,11 +181,23 @@ def _staged(run: data.Run) -> Section | None:
                       "Compression applied in steps, most robust units first: after each step the quality was "
                       "checked against the gates, recovered by distillation when a gate failed, and the step "
                       "rolled back when recovery could not pass it.")
-    header, rows = data.staged_rows(run.staged)
-    if rows:
-        section.body = table_html(header, rows)
-    else:
-        section.missing = "staged.json has no steps"
+    info = data.staged_info(run.staged)
+    if not info.steps:
+        section.missing = "staged.json has no steps yet"
+        return section
+    original, final = info.original, info.final
+    state = "complete" if info.complete else "not complete (interrupted or still running)"
+    summary = [("original", f"perplexity {data.format_number(original['perplexity'])}, "
+                            f"{data.format_bytes(original['bytes'])}"),
+               ("state", f"{len(info.steps)} steps, {state}")]
+    if final:
+        summary.append(("final", f"perplexity {data.format_number(final['perplexity'])}, KL "
+                                 f"{data.format_number(final['kl'])}, {data.format_bytes(final['bytes'])}"))
+    if info.frozen:
+        summary.append(("frozen after a failed gate", ", ".join(info.frozen)))
+    section.body = (table_html(None, summary, align=False)
+                    + figure_html(figures.staged_figure(info), "fig-staged")
+                    + table_html(*data.staged_rows(info)))
     return section
 
 

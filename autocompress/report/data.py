@@ -578,23 +578,73 @@ def eval_rows(run: Run) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def staged_rows(staged: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The staged-compression history as a table: one row per step, scalar fields as columns."""
-    steps = staged.get("steps") or staged.get("history") or []
-    steps = [s for s in steps if isinstance(s, dict)]
-    header: list[str] = []
-    for step in steps:
-        header += [k for k, v in step.items() if k not in header and not isinstance(v, (dict, list))]
+@dataclass
+class StagedStep:
+    """One step of a staged compression: size and validation quality before, after, after recovery."""
+
+    index: int
+    units: list[str]
+    bytes_before: float | None
+    bytes_after: float | None
+    before: dict[str, float | None]  # perplexity, loss, kl
+    after: dict[str, float | None]
+    recovered: dict[str, float | None] | None
+    gate: str
+    failures: list[str]
+    seconds: float | None
+
+
+@dataclass
+class StagedInfo:
+    """The history of ``staged.json``: the original's quality and size, the steps, the final state."""
+
+    original: dict[str, float | None]
+    steps: list[StagedStep]
+    final: dict[str, float | None] | None
+    complete: bool
+    frozen: list[str]
+
+
+def _quality(record: Any) -> dict[str, float | None]:
+    record = record if isinstance(record, dict) else {}
+    return {key: _number(record.get(key)) for key in ("perplexity", "loss", "kl", "bytes", "parameters")}
+
+
+def staged_info(staged: dict[str, Any]) -> StagedInfo:
+    """The staged-compression history (written by :func:`autocompress.compress.staged.staged_apply`)."""
+    steps = []
+    for record in staged.get("steps") or []:
+        if not isinstance(record, dict):
+            continue
+        recovered = record.get("recovered")
+        steps.append(StagedStep(
+            index=int(record.get("index", len(steps) + 1)), units=[str(u) for u in record.get("units") or []],
+            bytes_before=_number(record.get("bytes_before")), bytes_after=_number(record.get("bytes_after")),
+            before=_quality(record.get("before")), after=_quality(record.get("after")),
+            recovered=_quality(recovered) if isinstance(recovered, dict) else None,
+            gate=str(record.get("gate", "-")), failures=[str(f) for f in record.get("failures") or []],
+            seconds=_number(record.get("seconds"))))
+    final = staged.get("final")
+    return StagedInfo(_quality(staged.get("original")), steps, _quality(final) if isinstance(final, dict) else None,
+                      bool(staged.get("complete")), [str(u) for u in staged.get("frozen") or []])
+
+
+def _units_text(units: list[str]) -> str:
+    shown = ", ".join(units[:3])
+    return f"{shown} and {len(units) - 3} more" if len(units) > 3 else shown
+
+
+def staged_rows(info: StagedInfo) -> tuple[list[str], list[list[str]]]:
+    """The staged history as a table: one row per step."""
+    header = ["step", "units", "size before", "size after", "perplexity before", "after", "after recovery",
+              "KL after", "gate", "failures", "seconds"]
     rows = []
-    for step in steps:
-        row = []
-        for key in header:
-            value = step.get(key)
-            if isinstance(value, float):
-                row.append(format_bytes(value) if "bytes" in key else format_number(value))
-            elif isinstance(value, int) and not isinstance(value, bool) and "bytes" in key:
-                row.append(format_bytes(value))
-            else:
-                row.append("-" if value is None else str(value))
-        rows.append(row)
+    for step in info.steps:
+        final = step.recovered or step.after
+        rows.append([str(step.index), _units_text(step.units), format_bytes(step.bytes_before),
+                     format_bytes(step.bytes_after), format_number(step.before["perplexity"]),
+                     format_number(step.after["perplexity"]),
+                     format_number(step.recovered["perplexity"]) if step.recovered else "-",
+                     format_number(final["kl"]), step.gate, "; ".join(step.failures) or "-",
+                     format_number(step.seconds, 3)])
     return header, rows

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .data import (MIB, HistoryInfo, ParetoInfo, PredictionInfo, RoleCurveInfo, ScheduleInfo,
-                   SensitivityInfo, TrialPoint)
+                   SensitivityInfo, StagedInfo, TrialPoint)
 
 COLORS = ["#3366cc", "#dc3912", "#ff9900", "#109618", "#990099", "#0099c6", "#dd4477", "#66aa00",
           "#b82e2e", "#316395"]
@@ -195,6 +195,34 @@ def prediction_figure(info: PredictionInfo, metric: str) -> go.Figure:
     fig.update_xaxes(title_text=f"predicted {label(metric)}", type="log")
     fig.update_yaxes(title_text=f"measured {label(metric)}", type="log")
     return styled(fig, height=420)
+
+
+GATE_COLORS = {"passed": COLORS[3], "passed after recovery": COLORS[2], "rolled back": COLORS[1]}
+
+
+def staged_figure(info: StagedInfo) -> go.Figure:
+    """Validation perplexity per step (before, after compressing, after recovery) over the size kept."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, row_heights=[0.6, 0.4],
+                        subplot_titles=("validation perplexity", "size after the step (MiB)"))
+    x = [step.index for step in info.steps]
+    for name, values, dash in (
+            ("before the step", [s.before["perplexity"] for s in info.steps], "dot"),
+            ("after compressing", [s.after["perplexity"] for s in info.steps], "solid"),
+            ("after recovery", [s.recovered["perplexity"] if s.recovered else None for s in info.steps], "dash")):
+        if any(v is not None for v in values):
+            fig.add_trace(go.Scatter(x=x, y=values, name=name, mode="lines+markers", line=dict(dash=dash),
+                                     hovertemplate=f"step %{{x}}<br>{name} %{{y:.4g}}<extra></extra>"), row=1, col=1)
+    if info.original.get("perplexity") is not None:
+        fig.add_hline(y=info.original["perplexity"], line=dict(color="#888", dash="dot"), row=1, col=1,
+                      annotation_text="original", annotation_position="bottom right")
+    fig.add_trace(go.Bar(x=x, y=[(s.bytes_after or 0) / MIB for s in info.steps], name="size after",
+                         marker_color=[GATE_COLORS.get(s.gate, "#888") for s in info.steps],
+                         text=[label(s.gate) for s in info.steps], showlegend=False,
+                         hovertemplate="step %{x}<br>%{y:.1f} MiB<br>%{text}<extra></extra>", textposition="none"),
+                  row=2, col=1)
+    fig.update_xaxes(title_text="step (bar colour: green passed, orange passed after recovery, red rolled back)",
+                     dtick=1, row=2, col=1)
+    return styled(fig, height=520)
 
 
 def optuna_figures(storage: str, study_name: str) -> dict[str, go.Figure | str]:
