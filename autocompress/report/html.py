@@ -39,8 +39,8 @@ p.missing { background: #fff8e1; border-left: 4px solid #f5b400; padding: .5rem 
 .table-wrap { overflow-x: auto; }
 table { border-collapse: collapse; margin: .4rem 0 1rem; font-size: .92rem; }
 th, td { border-bottom: 1px solid var(--line); padding: .3rem .8rem .3rem 0; text-align: left;
-         vertical-align: top; overflow-wrap: anywhere; }
-th { font-weight: 600; }
+         vertical-align: top; overflow-wrap: break-word; }
+th { font-weight: 600; white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 h3 { font-size: 1rem; margin: 1rem 0 .2rem; }
 footer { color: var(--muted); font-size: .85rem; padding: 1rem 0 2rem; }
@@ -83,7 +83,7 @@ def _cell(value: Any, align: bool = True) -> str:
     if not align:
         return f"<td>{text}</td>"
     numeric = re.sub(r" (B|KiB|MiB|GiB|ms)$", "", text).replace(",", "").replace(".", "", 1).rstrip("%").lstrip("+-")
-    return f'<td class="num">{text}</td>' if numeric.isdigit() else f"<td>{text}</td>"
+    return f'<td class="num">{text}</td>' if numeric.isdigit() or text == "-" else f"<td>{text}</td>"
 
 
 def table_html(header: list[str] | None, rows: list[list[Any]] | list[tuple[Any, ...]], align: bool = True) -> str:
