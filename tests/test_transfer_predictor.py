@@ -70,3 +70,32 @@ def test_select_units_to_measure_and_predict_the_rest():
     predicted = predicted_kl(predictor, model, probes, rest, scale=0.02)
     for unit in rest:
         assert predicted[unit]["bits=2"] > predicted[unit]["bits=3"] > predicted[unit]["bits=4"] > 0
+
+
+def test_profile_predict_measures_only_uncertain_units(tmp_path, tokenizer, capsys):
+    from tiny import tiny_model as tests_tiny_model
+
+    from autocompress.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tests_tiny_model("llama").save_pretrained(model_dir)  # 3 blocks
+    tokenizer.save_pretrained(model_dir)
+    predictor_path = SensitivityPredictor.from_profiles([_profile("a", 8, 0)], trees=20).save(tmp_path / "p.json")
+    run = tmp_path / "run"
+    argv = ["profile", str(model_dir), "--space", "quant-only", "--out", str(run), "--predict", str(predictor_path),
+            "--measure-fraction", "0.5", "--tokens", "256", "--seq-len", "64", "--no-roles", "--no-proxies",
+            "--threads", "1"]
+    assert main(argv) == 0
+    assert "predicted 1" in capsys.readouterr().out
+    profile = Profile.load(run / "profile.json")
+    assert profile.meta["measured_units"] == ["model.layers.0", "model.layers.2"]
+    assert profile.meta["predicted_units"] == ["model.layers.1"]
+    assert [u.name for u in profile.units] == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    guess = profile.unit("model.layers.1").kl
+    assert set(guess) == {"bits=2", "bits=3", "bits=4", "bits=8"}
+    # trained on bits 2-4 only: a forest does not extrapolate to 8 bits, it stays flat
+    assert guess["bits=2"] > guess["bits=3"] > guess["bits=4"] >= guess["bits=8"] > 0
+    measured = profile.unit("model.layers.0").kl
+    assert measured["bits=2"] > measured["bits=4"] > 0
+    assert main(argv) == 2  # exists: refuses without --force
+    assert "--force" in capsys.readouterr().err

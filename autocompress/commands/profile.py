@@ -28,6 +28,11 @@ def register(verbs) -> None:
                     help="compute the cheap proxies and their correlations (default: on)")
     pr.add_argument("--top", type=positive_int, default=5, help="units shown at each end of the ranking (default 5)")
     pr.add_argument("--force", action="store_true", help="re-profile even if RUN/profile.json exists")
+    pr.add_argument("--predict", metavar="PREDICTOR_OR_PROFILES",
+                    help="sensitivity predictor JSON (or comma-separated profile.json files to train one): "
+                         "measure only the units it is unsure of, predict the rest")
+    pr.add_argument("--measure-fraction", type=float, default=0.25,
+                    help="with --predict: share of units measured (default 0.25)")
     add_trust_remote_code(pr)
     add_threads(pr)
     pr.set_defaults(run=run)
@@ -42,8 +47,16 @@ def run(args) -> int:
 
     settings = ProfileSettings(tokens=args.tokens, seq_len=args.seq_len, roles=args.roles,
                                role_tokens=args.role_tokens, proxies=args.proxies)
-    outcome = profile_run(args.model, args.out, data=args.data, space=args.space, granularity=args.granularity,
-                          settings=settings, force=args.force, trust_remote_code=args.trust_remote_code)
+    if args.predict:
+        from ..transfer.guided import guided_profile_run  # noqa: PLC0415
+
+        outcome = guided_profile_run(args.model, args.out, args.predict, fraction=args.measure_fraction,
+                                     data=args.data, space=args.space, granularity=args.granularity,
+                                     settings=settings, force=args.force, trust_remote_code=args.trust_remote_code)
+    else:
+        outcome = profile_run(args.model, args.out, data=args.data, space=args.space,
+                              granularity=args.granularity, settings=settings, force=args.force,
+                              trust_remote_code=args.trust_remote_code)
     console = Console()
     profile = outcome.profile
     console.print(sensitivity_table(profile, args.top))
@@ -54,6 +67,9 @@ def run(args) -> int:
     roles = role_curve_table(profile)
     if roles is not None:
         console.print(roles)
+    if profile.meta.get("predicted_units"):
+        console.print(f"measured {len(profile.meta['measured_units'])} units; predicted "
+                      f"{len(profile.meta['predicted_units'])} (--predict)")
     if outcome.reused:
         console.print(f"reused {outcome.path} (model, data and space unchanged; --force to re-measure)")
     else:

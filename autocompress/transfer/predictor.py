@@ -69,20 +69,32 @@ def _ranks(values: dict[str, float]) -> dict[str, float]:
 
 
 def unit_rows(units: list[tuple[UnitCoordinates, Choice, dict[str, float]]]) -> list[dict[str, float]]:
-    """Feature rows for (coordinates, choice, raw proxies) of one model; proxies become ranks."""
-    proxy_names = sorted({p for _, _, proxies in units for p in proxies})
-    ranks = {}
-    for proxy in proxy_names:
-        values = {c.name: proxies[proxy] for c, _, proxies in units
-                  if proxy in proxies and proxies[proxy] is not None and math.isfinite(proxies[proxy])}
-        ranks[proxy] = _ranks(values)
+    """Feature rows for (coordinates, choice, raw proxies) of one model; proxies become ranks.
+
+    A proxy named ``NAME:LABEL`` (the profiler's per-choice Fisher score, ``fisher:bits=3``) is
+    one feature ``NAME@choice`` read only on rows of that choice, ranked among them.
+    """
+    from .sensitivity import choice_labels  # noqa: PLC0415
+
+    labels = ["+".join(choice_labels(choice)) for _, choice, _ in units]
+    ranks: dict[tuple[str, str | None], dict[str, float]] = {}
+    for key in sorted({p for _, _, proxies in units for p in proxies}):
+        base, _, label = key.partition(":")
+        values = {c.name: proxies[key] for (c, _, proxies), row_label in zip(units, labels)
+                  if key in proxies and proxies[key] is not None and math.isfinite(proxies[key])
+                  and (not label or row_label == label)}
+        ranks[(key, label or None)] = _ranks(values)
     rows = []
-    for coords, choice, _ in units:
+    for (coords, choice, _), row_label in zip(units, labels):
         row = {"relative_depth": coords.relative_depth, "relative_size": coords.relative_size,
                **choice_features(choice), **{f"role_{r}": float(coords.role == r) for r in ROLES}}
-        for proxy in proxy_names:
-            if coords.name in ranks[proxy]:
-                row[f"proxy_{proxy}"] = ranks[proxy][coords.name]
+        for (key, label), ranked in ranks.items():
+            if coords.name not in ranked:
+                continue
+            if label is None:
+                row[f"proxy_{key}"] = ranked[coords.name]
+            elif label == row_label:
+                row[f"proxy_{key.partition(':')[0]}@choice"] = ranked[coords.name]
         rows.append(row)
     return rows
 
