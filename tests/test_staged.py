@@ -172,3 +172,44 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         main(["apply", str(run), "--step-fraction", "1.5"])
     assert exit_info.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_rollback_after_failed_recovery_restores_every_trained_block(tmp_path):
+    model = tiny_model("llama", layers=3)
+    expected = round_to_storage(copy.deepcopy(model)).state_dict()
+    schedule = Schedule(model_fingerprint(model), {"model.layers.0": Choice(channel_ratio=0.5),
+                                                   "model.layers.2": Choice(bits=4, group_size=32)})
+    # An impossible gate: every step fails, recovery (which trains all blocks) runs, then rollback.
+    config = _config(gates=Gates(step_kl=-1.0, step_ppl_increase=None), recovery=Recovery.ON_FAILURE)
+    result = staged_apply(model, schedule, CALIB, VALID, config, tmp_path)
+    assert [s.gate for s in result.steps] == ["rolled back", "rolled back"]
+    assert all(s.recovery is not None and s.recovery["steps"] == 3 for s in result.steps)
+    assert result.schedule.units == {} and sorted(result.frozen) == ["model.layers.0", "model.layers.2"]
+    got = result.model.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_cli_apply_staged_end_to_end(tmp_path, tokenizer, capsys):
+    from tiny import tiny_model as tiny_vocab_model
+
+    model = tiny_vocab_model("llama")
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    from autocompress.models import load_model
+
+    run = _write_run(tmp_path, load_model(str(model_dir)).model, {"model.layers.0": Choice(bits=4, group_size=32),
+                                       "model.layers.2": Choice(channel_ratio=0.25)}, {"model": str(model_dir)})
+    argv = ["apply", str(run), "--staged", "--step-fraction", "0.05", "--calib-tokens", "1024",
+            "--valid-tokens", "512", "--seq-len", "64", "--recovery-steps", "2", "--kd-seq-len", "64",
+            "--threads", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "staged compression" in out and "validation perplexity" in out
+    loaded, _ = load_compressed(run / "model")
+    assert loaded.model.layers[0].self_attn.q_proj.bits == 4
+    assert loaded.model.layers[2].mlp.down_proj.in_features == 96 - 24
+    assert (run / "staged.json").exists() and (run / "staged" / "model" / "model.safetensors").exists()
+    assert main(argv) == 2  # RUN/model exists now
+    assert "--overwrite" in capsys.readouterr().err

@@ -69,7 +69,7 @@ def register(verbs) -> None:
     staged.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on quantized layers (0: none)")
     staged.add_argument("--kd-batch", type=positive_int, default=4, help="distillation batch size (default 4)")
     staged.add_argument("--kd-seq-len", type=positive_int, default=256, help="distillation row length (default 256)")
-    staged.add_argument("--temperature", type=_non_negative, default=2.0, help="distillation temperature")
+    staged.add_argument("--temperature", type=_non_negative, default=1.0, help="distillation temperature (default 1)")
     add_trust_remote_code(ap)
     add_threads(ap)
     ap.set_defaults(run=run)

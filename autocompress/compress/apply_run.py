@@ -108,7 +108,10 @@ def apply_run(config: ApplyConfig) -> ApplyResult:
 
     staged = None
     if config.staged is not None:
-        profile = Profile.load(run_dir / "profile.json") if (run_dir / "profile.json").exists() else None
+        profile = None
+        if (run_dir / "profile.json").exists():
+            profile = Profile.load(run_dir / "profile.json")
+            profile.check_matches(fingerprint, path=run_dir / "profile.json")
         staged_config = replace(config.staged, eval_window=window)
         staged = staged_apply(model, schedule, calib.tokens, valid.tokens, staged_config, run_dir,
                               tokenizer=loaded.tokenizer, profile=profile, fingerprint=fingerprint)

@@ -118,8 +118,9 @@ class Gates:
 class StagedConfig:
     """Settings of :func:`staged_apply`.
 
-    ``calib_seq_len`` is the row length for calibration statistics (Wanda, GPTQ);
-    distillation cuts the same calibration tokens into rows of ``distill.seq_len``.
+    ``calib_seq_len`` is the row length for calibration statistics (Wanda, GPTQ), taken from
+    the first ``calib_rows`` rows (None: all); distillation cuts all the calibration tokens
+    into rows of ``distill.seq_len``.
     ``lora_merge`` says how adapters end up in the saved model (see
     :mod:`~autocompress.compress.lora`).
     """
@@ -131,6 +132,7 @@ class StagedConfig:
     distill: DistillConfig = DistillConfig(steps=100)
     lora_merge: str = "requantize"
     calib_seq_len: int = 512
+    calib_rows: int | None = None
     batch_size: int = 8
     eval_window: int = 256
     eval_batch_size: int = 2
@@ -492,7 +494,7 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
     weights = {u.name: unit_weight(memory, u, fingerprint) for u in units}
     calib = _flat(calibration)
     valid = _flat(validation)
-    stat_rows = token_batch(calib, min(config.calib_seq_len, calib.numel()))
+    stat_rows = token_batch(calib, min(config.calib_seq_len, calib.numel()), config.calib_rows)
     train_rows = token_batch(calib, min(config.distill.seq_len, calib.numel()))
 
     state = None
