@@ -260,3 +260,10 @@ def test_block_params_feed_the_average(run):
     profile.units[-1].parameters = 3 * BLOCK_PARAMS  # unit_name(0), 4 bits
     info = data.schedule_info(make_schedule(profile), profile)
     assert info.average_bits == pytest.approx((3 * 4 + 3 + 2 + 3 + 8) / 7)
+
+
+def test_value_axes_are_logarithmic_only_over_more_than_a_decade():
+    from autocompress.report.figures import value_axis
+
+    assert value_axis([0.001, 0.5, None])["type"] == "log"
+    assert value_axis([0.002, 0.007])["type"] == "linear" and value_axis([None, 0.0])["type"] == "linear"

@@ -41,6 +41,15 @@ def styled(fig: go.Figure, height: int = 420) -> go.Figure:
     return fig
 
 
+def value_axis(values) -> dict:
+    """Axis settings for positive values: log with one labelled tick per decade when they span
+    more than a decade, linear otherwise (a log axis over a narrow range labels every minor tick)."""
+    positive = [v for v in values if v is not None and v > 0]
+    if positive and max(positive) / min(positive) > 10:
+        return dict(type="log", dtick=1, exponentformat="power")
+    return dict(type="linear", exponentformat="none", tickformat=".3~g")
+
+
 def sensitivity_figure(info: SensitivityInfo) -> go.Figure:
     """Heatmap unit x choice of KL on a log colour scale (plotly has none: log10 is plotted, KL is hovered)."""
     positive = [v for row in info.kl for v in row if v is not None and v > 0]
@@ -77,7 +86,7 @@ def schedule_figure(info: ScheduleInfo) -> go.Figure:
     x = [label(u) for u in info.units]
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.34, 0.33, 0.33],
                         subplot_titles=("bits (0 = block dropped)", "pruning ratios",
-                                        "KL of the unit (profile, log scale)"))
+                                        "KL of the unit alone (from the profile)"))
     fig.add_trace(go.Bar(x=x, y=info.bits, name="bits", marker_color=COLORS[0],
                          text=[label(t) for t in info.labels],
                          hovertemplate="%{x}<br>%{text}<extra></extra>", textposition="none"), row=1, col=1)
@@ -93,7 +102,7 @@ def schedule_figure(info: ScheduleInfo) -> go.Figure:
             fig.add_trace(go.Scatter(x=x, y=[v if v and v > 0 else None for v in values], name=name,
                                      mode="markers+lines", marker_color=color, line=dict(width=1),
                                      hovertemplate=f"%{{x}}<br>{name} %{{y:.3g}}<extra></extra>"), row=3, col=1)
-    fig.update_yaxes(type="log", row=3, col=1)
+    fig.update_yaxes(**value_axis(info.chosen_kl + info.worst_kl), row=3, col=1)
     fig.update_yaxes(range=[0, 1], row=2, col=1)
     fig.update_layout(barmode="group")
     fig.update_xaxes(tickangle=-60, row=3, col=1)
@@ -133,13 +142,14 @@ def pareto_figure(info: ParetoInfo) -> go.Figure:
             marker=dict(color=COLORS[index % len(COLORS)], size=7,
                         symbol=["circle" if p.feasible else "circle-open" for p in points], opacity=0.75),
             text=[_hover(p) for p in points], hovertemplate="%{text}<extra></extra>"))
+    symbols = ["diamond", "square", "triangle-up", "cross", "x", "pentagon", "hexagon", "star-triangle-up"]
     baselines = [p for p in info.baselines if p.memory is not None and p.quality is not None]
-    if baselines:
+    for index, point in enumerate(baselines):
         fig.add_trace(go.Scatter(
-            x=[p.memory / MIB for p in baselines], y=[p.quality for p in baselines], mode="markers+text",
-            name="baselines", marker=dict(symbol="diamond", size=11, color="#222"),
-            text=[label(p.source) for p in baselines], textposition="top center",
-            customdata=[_hover(p) for p in baselines], hovertemplate="%{customdata}<extra></extra>"))
+            x=[point.memory / MIB], y=[point.quality], mode="markers", name=label(point.source),
+            marker=dict(symbol=symbols[index % len(symbols)], size=11, color=COLORS[(index + 3) % len(COLORS)],
+                        line=dict(color="#222", width=1)),
+            text=[_hover(point)], hovertemplate="%{text}<extra></extra>"))
     if info.front:
         fig.add_trace(go.Scatter(x=[p.memory / MIB for p in info.front], y=[p.quality for p in info.front],
                                  mode="lines", line=dict(shape="hv", color="#888", dash="dot"),
@@ -156,9 +166,10 @@ def pareto_figure(info: ParetoInfo) -> go.Figure:
                                  text=[_hover(info.best)], hovertemplate="%{text}<extra></extra>"))
     if info.budget_memory:
         fig.add_vline(x=info.budget_memory / MIB, line=dict(color="#dc3912", dash="dash"),
-                      annotation_text="memory budget", annotation_position="top left")
+                      annotation_text="memory budget", annotation_position="bottom left")
     fig.update_xaxes(title_text="memory (MiB)")
-    fig.update_yaxes(title_text=label(info.metric) + " (lower is better)", type="log")
+    fig.update_yaxes(title_text=label(info.metric) + " (lower is better)",
+                     **value_axis([p.quality for p in info.trials + info.baselines]))
     return styled(fig, height=460)
 
 
@@ -172,7 +183,7 @@ def history_figure(info: HistoryInfo, metric: str) -> go.Figure:
     fig.add_trace(go.Scatter(x=info.numbers, y=info.best_so_far, mode="lines", name="best feasible so far",
                              line=dict(color="#222", shape="hv")))
     fig.update_xaxes(title_text="trial")
-    fig.update_yaxes(title_text=label(metric), type="log")
+    fig.update_yaxes(title_text=label(metric), **value_axis(info.values))
     return styled(fig, height=400)
 
 
@@ -192,8 +203,9 @@ def prediction_figure(info: PredictionInfo, metric: str) -> go.Figure:
         low, high = min(values), max(values)
         fig.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", name="measured = predicted",
                                  line=dict(color="#888", dash="dash"), hoverinfo="skip"))
-    fig.update_xaxes(title_text=f"predicted {label(metric)}", type="log")
-    fig.update_yaxes(title_text=f"measured {label(metric)}", type="log")
+    axis = value_axis(values)
+    fig.update_xaxes(title_text=f"predicted {label(metric)}", **axis)
+    fig.update_yaxes(title_text=f"measured {label(metric)}", **axis)
     return styled(fig, height=420)
 
 
