@@ -231,16 +231,27 @@ def neighbours(schedule: Schedule, model, budget, space, losses: LossTable, coun
 
 def warm_start_schedules(source: str | Path, model, space, budget, profile=None, *, count: int = 4) -> list[Schedule]:
     """Schedules to enqueue as a search's first trials on ``model``: the transfer of ``source``
-    (a ``schedule.json`` or a run directory), repaired to ``budget``, then up to ``count``
-    neighbours of it that also fit."""
+    (a ``schedule.json`` or a run directory) repaired to ``budget`` with the source's own
+    knowledge, the same repaired with the target's ``profile`` when given (it can trade the
+    source's measured choices for the additive optimum, so both are tried), then up to
+    ``count`` neighbours of the first. All fit ``budget``; duplicates are dropped."""
     source_schedule = load_source(source)
-    best = transfer_schedule(source_schedule, model, budget, space=space, profile=profile)
+    first = transfer_schedule(source_schedule, model, budget, space=space)
+    found = [first]
+    if profile is not None:
+        found.append(transfer_schedule(source_schedule, model, budget, space=space, profile=profile))
     coordinates = model_coordinates(model)
     units = space.units(model)
-    mapped = {name: Choice.from_json(entry["mapped"]) for name, entry in best.meta["transfer"]["units"].items()}
-    losses = losses_for(model, units, coordinates, profile=profile, source=source_schedule, space=space,
-                        mapped=mapped)
-    return [best] + neighbours(best, model, budget, space, losses, count, units)
+    mapped = {name: Choice.from_json(entry["mapped"]) for name, entry in first.meta["transfer"]["units"].items()}
+    losses = losses_for(model, units, coordinates, source=source_schedule, space=space, mapped=mapped)
+    found += neighbours(first, model, budget, space, losses, count, units)
+    out, seen = [], set()
+    for schedule in found:
+        key = tuple(sorted(schedule.units.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(schedule)
+    return out
 
 
 __all__ = ["transfer_schedule", "warm_start_schedules", "load_source", "map_choice", "neighbours", "losses_for"]
