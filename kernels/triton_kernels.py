@@ -52,9 +52,8 @@ _INTERPRET_SPLITK = {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2}
 @triton.jit
 def _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, row_bytes,
                   stride_pn, stride_sn, stride_sg,
-                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
-                  DTYPE: tl.constexpr):
-    """The [BLOCK_K, BLOCK_N] tile of W.T in ``DTYPE``; zero outside K and N."""
+                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of W.T in fp32; zero outside K and N."""
     mask_k = offs_k < K
     mask_n = offs_n < N
     mask = mask_k[:, None] & mask_n[None, :]
@@ -79,7 +78,7 @@ def _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, r
         params = offs_n[None, :] * stride_sn + group[:, None] * stride_sg
         s = tl.load(scales_ptr + params, mask=mask, other=0).to(tl.float32)
         z = tl.load(zeros_ptr + params, mask=mask, other=0).to(tl.float32)
-    return ((q.to(tl.float32) - z) * s).to(DTYPE)
+    return (q.to(tl.float32) - z) * s
 
 
 @triton.jit
@@ -102,14 +101,13 @@ def _gemm_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, row
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
         b = _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, row_bytes,
-                          stride_pn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K, dtype)
+                          stride_pn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K).to(a.dtype)
         if IEEE_FP32:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -134,14 +132,13 @@ def _splitk_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, r
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
         b = _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, row_bytes,
-                          stride_pn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K, dtype)
+                          stride_pn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K).to(a.dtype)
         if IEEE_FP32:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:

@@ -14,9 +14,9 @@ import torch
 import kernel_cases
 from autocompress.compress.quantize import QuantLinear, quantize_linear, quantize_rtn
 from autocompress.kernels import _triton_guard as guard
-from autocompress.kernels import dequantize, pack, quant_matmul, select_backend
+from autocompress.kernels import dequantize, pack, quant_matmul, select_backend, unpack
 from autocompress.kernels.dispatch import quant_matmul_reference
-from autocompress.kernels.reference import gemm_reference, splitk_reference
+from autocompress.kernels.reference import dequantize_fp32, gemm_reference, splitk_reference, unpack_codes
 
 # --- Triton under the interpreter (one subprocess for every case) ---------------------------
 
@@ -79,6 +79,15 @@ def test_reference_matches_handmade_dequantization(bits, group):
     for twin in (gemm_reference, splitk_reference):
         got = twin(x, packed, scales, zeros, bits, group, k)
         assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5), twin.__name__
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n, k, group", [(6, 256, 128), (5, 333, 64), (3, 77, 77), (4, 13, 32)])
+def test_reference_dequantization_is_bitwise_packing_dequantize(bits, n, k, group):
+    packed, scales, zeros = kernel_cases.random_weight(n, k, bits, group, torch.float16, seed=n * k + bits)
+    assert torch.equal(unpack_codes(packed, bits, k), unpack(packed, bits, k))
+    assert torch.equal(dequantize_fp32(packed, scales, zeros, bits, group, k),
+                       dequantize(packed, scales, zeros, bits, group, k))
 
 
 def test_splitk_twin_sums_to_gemm_twin():
@@ -169,3 +178,31 @@ def test_quantlinear_uses_the_dispatcher():
     module.zeros.copy_(zeros)
     x = torch.randn(3, 64)
     assert torch.equal(module(x), quant_matmul(x, packed, scales, zeros, 4, 32, 64))
+
+
+# --- the GPU path compiles (no GPU needed: Triton's ahead-of-time compiler and its bundled ptxas) --
+
+
+@pytest.mark.parametrize("kernel, bits, dtype, group", [("gemm", 3, "fp16", 32), ("splitk", 4, "bf16", 128)])
+def test_kernels_compile_for_hopper(kernel, bits, dtype, group):
+    """Lowering to sm_90 machine code catches what the interpreter cannot (layouts, dot shapes, dtypes)."""
+    if guard.INTERPRET:
+        pytest.fail("run the in-process tests without TRITON_INTERPRET=1")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from autocompress.kernels import triton_kernels
+
+    fn = triton_kernels._gemm_kernel if kernel == "gemm" else triton_kernels._splitk_kernel
+    config = (triton_kernels._GEMM_CONFIGS if kernel == "gemm" else triton_kernels._SPLITK_CONFIGS)[0]
+    constants = {**config.kwargs, "BITS": bits, "GROUP_SIZE": group, "IEEE_FP32": False}
+    if kernel == "splitk":
+        constants["BLOCK_M"] = triton_kernels.DECODE_MAX_M
+    pointers = {"x_ptr": f"*{dtype}", "packed_ptr": "*u8", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
+                "out_ptr": "*fp32" if kernel == "splitk" else f"*{dtype}"}
+    signature = {name: "constexpr" if name in constants else pointers.get(name, "i32") for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    assert len(compiled.asm["cubin"]) > 10_000
+    assert "mma" in compiled.asm["ptx"]  # the dot became tensor-core instructions
