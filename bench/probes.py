@@ -1,6 +1,6 @@
 """Linguistic roles of SmolLM2-135M's layers: probe selectivity per layer and task, and the time taken.
 
-Run: ``.venv/bin/python bench/probes.py [--tokens 6144] [--window 512] [--seed 0]``
+Run: ``.venv/bin/python bench/probes.py [--tokens 8192] [--window 512] [--seed 0]``
 
 Prints one row per layer (embeddings, then the output of each of the 30 blocks) with the
 selectivity (probe accuracy - control accuracy, held-out) of each task and the dominant
@@ -41,7 +41,7 @@ def hidden_states(model, tokens: torch.Tensor, window: int) -> list[torch.Tensor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tokens", type=int, default=6144)
+    parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

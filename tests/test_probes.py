@@ -10,8 +10,8 @@ import torch
 from autocompress.errors import UserError
 from autocompress.profile.lexicon import is_function_word
 from autocompress.profile.probes import (EXCLUDED, TASKS, WORD_CLASSES, RoleProfile, control_labels, dominant_roles,
-                                         held_out_mask, nesting_depths, probe_roles, task_labels, token_texts,
-                                         word_class)
+                                         held_out_mask, nesting_depths, probe_roles, smooth, task_labels,
+                                         token_texts, word_class)
 
 
 def labelled(tokenizer, text: str, top_k: int = 8):
@@ -181,6 +181,13 @@ def test_dominant_role_is_relative_to_each_tasks_peak():
     selectivity = {"lexical": [0.8, 0.7, 0.4], "nesting": [0.0, 0.05, 0.1], "noise": [0.01, -0.01, 0.0]}
     assert dominant_roles(selectivity) == ["lexical", "lexical", "nesting"]
     assert dominant_roles({"a": [-0.1, math.nan]}) == ["none", "none"]
+    # one noisy layer does not flip the role of a smooth neighbourhood
+    assert dominant_roles({"a": [0.5, 0.5, 0.5, 0.5], "b": [0.1, 0.1, 0.13, 0.1]})[2] == "a"
+
+
+def test_smoothing_over_depth():
+    assert np.allclose(smooth(np.array([0.0, 1.0, 0.0])), [1 / 3, 0.5, 1 / 3])
+    assert np.allclose(smooth(np.array([2.0, 2.0, 2.0, 2.0])), 2.0)
 
 
 def test_bad_input_is_one_clear_error(tokenizer):

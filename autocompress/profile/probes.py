@@ -263,43 +263,67 @@ def _features(hidden: torch.Tensor) -> np.ndarray:
     return x.numpy()
 
 
-def probe_accuracy(x: np.ndarray, labels: np.ndarray, held_out: np.ndarray) -> float:
-    """Held-out accuracy of a ridge classifier trained on the other positions (excluded labels skipped)."""
-    from sklearn.linear_model import RidgeClassifier
+def probe_accuracies(x: np.ndarray, labelings: list[np.ndarray], held_out: np.ndarray) -> list[float]:
+    """Held-out accuracy of a ridge classifier per labeling, trained on the other positions.
 
-    keep = labels != EXCLUDED
+    The labelings must exclude the same positions (a task and its control do), so they share
+    one standardisation and one ridge fit: the one-vs-rest +-1 targets of every labeling are
+    columns of a single multi-output ``Ridge`` (what ``RidgeClassifier`` does for one labeling).
+    """
+    from sklearn.linear_model import Ridge
+
+    keep = labelings[0] != EXCLUDED
     train, test = keep & ~held_out, keep & held_out
-    y_train = labels[train]
-    if test.sum() == 0 or len(np.unique(y_train)) < 2:
-        return float("nan")
+    if test.sum() == 0 or train.sum() == 0:
+        return [float("nan")] * len(labelings)
     x_train, x_test = x[train], x[test]
     mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
     x_train = (x_train - mean) / std
     x_test = (x_test - mean) / std
-    probe = RidgeClassifier(alpha=RIDGE_ALPHA * len(y_train), solver="cholesky")
-    probe.fit(x_train, y_train)
-    return float((probe.predict(x_test) == labels[test]).mean())
+    classes = [np.unique(labels[train]) for labels in labelings]
+    targets = np.concatenate([2.0 * (labels[train][:, None] == c[None, :]) - 1.0
+                              for labels, c in zip(labelings, classes)], axis=1)
+    scores = Ridge(alpha=RIDGE_ALPHA * int(train.sum()), solver="cholesky").fit(x_train, targets).predict(x_test)
+    accuracies, column = [], 0
+    for labels, c in zip(labelings, classes):
+        predicted = c[np.argmax(scores[:, column:column + len(c)], axis=1)]
+        accuracies.append(float((predicted == labels[test]).mean()))
+        column += len(c)
+    return accuracies
+
+
+def smooth(curve: np.ndarray) -> np.ndarray:
+    """A (1, 2, 1)/4 moving average over depth, renormalised at the ends."""
+    if len(curve) < 3:
+        return curve.copy()
+    padded = np.concatenate([[0.0], curve, [0.0]])
+    weights = np.concatenate([[0.0], np.ones_like(curve), [0.0]])
+    kernel = np.array([1.0, 2.0, 1.0])
+    return np.convolve(padded, kernel, "valid") / np.convolve(weights, kernel, "valid")
 
 
 def dominant_roles(selectivity: dict[str, list[float]]) -> list[str]:
     """Per layer, the task whose selectivity is closest to that task's own best layer.
 
-    Tasks differ in how much selectivity they can reach at all (token identity is easy,
-    nesting depth hard), so raw selectivities would crown the easiest task everywhere.
-    Dividing each task's curve by its peak asks instead "which ability is this layer at its
-    strongest in?". Negative selectivity counts as 0; a task peaking below ``MIN_PEAK`` is
-    noise and never dominant; a layer where no task is above 0 is ``none``. Ties go to the
-    higher raw selectivity.
+    Tasks differ in how much selectivity they can reach at all (word class is easy, nesting
+    depth hard), so raw selectivities would crown the easiest task everywhere. Dividing each
+    task's curve by its peak asks instead "which ability is this layer at its strongest
+    in?". Curves are first smoothed over neighbouring layers (:func:`smooth`): consecutive
+    residual streams differ little and single estimates carry about +-0.01 of sampling noise,
+    which would otherwise decide between near-flat curves. Negative selectivity counts as 0;
+    a task peaking below ``MIN_PEAK`` is noise and never dominant; a layer where no task is
+    above 0 is ``none``. Ties go to the higher selectivity.
     """
-    tasks = [t for t in selectivity if np.nanmax(np.nan_to_num(selectivity[t], nan=0.0)) >= MIN_PEAK]
+    curves = {t: smooth(np.clip(np.nan_to_num(np.asarray(v, dtype=float), nan=0.0), 0.0, None))
+              for t, v in selectivity.items()}
+    tasks = [t for t, curve in curves.items() if len(curve) and curve.max() >= MIN_PEAK]
     n_layers = len(next(iter(selectivity.values()))) if selectivity else 0
     roles = []
     for layer in range(n_layers):
         best, best_key = "none", (0.0, 0.0)
         for task in tasks:
-            curve = np.nan_to_num(np.asarray(selectivity[task], dtype=float), nan=0.0)
-            value = max(curve[layer], 0.0)
-            key = (value / curve.max(), value)
+            value = curves[task][layer]
+            key = (value / curves[task].max(), value)
             if value > 0 and key > best_key:
                 best, best_key = task, key
         roles.append(best)
@@ -397,8 +421,9 @@ def probe_roles(hidden_states: list[torch.Tensor], token_ids: torch.Tensor, toke
         for hidden in hidden_states:
             x = _features(hidden[:n])
             for task in TASKS:
-                accuracy[task].append(probe_accuracy(x, labels[task], held_out))
-                control[task].append(probe_accuracy(x, controls[task], held_out))
+                real, random = probe_accuracies(x, [labels[task], controls[task]], held_out)
+                accuracy[task].append(real)
+                control[task].append(random)
                 advance()
     selectivity = {t: [a - c for a, c in zip(accuracy[t], control[t])] for t in TASKS}
     return RoleProfile(tasks=list(TASKS), selectivity=selectivity, accuracy=accuracy, control_accuracy=control,
