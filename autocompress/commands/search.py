@@ -16,7 +16,7 @@ def register(verbs) -> None:
                     "RUN/search.json. The study lives in --storage, so a killed search resumes (--resume) and "
                     "several workers (--workers, or the same command in several shells/machines with --resume) "
                     "share it.")
-    se.add_argument("run", metavar="RUN", help="run directory holding profile.json")
+    se.add_argument("run_dir", metavar="RUN", help="run directory holding profile.json")
     se.add_argument("--budget", action="append", required=True, metavar="SPEC",
                     help="memory=60MB|45%%, avg-bits=3.5, params=70%%, latency=4ms@h100; comma-separated "
                          "or repeated")
@@ -59,7 +59,7 @@ def run(args) -> int:
     from ..search.study import SearchSettings, result_table, search  # noqa: PLC0415
 
     settings = SearchSettings(
-        run_dir=args.run, budget=tuple(args.budget), trials=args.trials, space=args.space, storage=args.storage,
+        run_dir=args.run_dir, budget=tuple(args.budget), trials=args.trials, space=args.space, storage=args.storage,
         study_name=args.study_name, resume=args.resume, pareto=args.pareto, workers=args.workers, seed=args.seed,
         holdout_tokens=args.holdout_tokens, window=args.window, calibration_tokens=args.calibration_tokens,
         measure=args.measure, warm_start=args.warm_start, device=args.device, batch=args.batch,
@@ -72,6 +72,6 @@ def run(args) -> int:
     console.print(result_table(result))
     for note in result.notes:
         console.print(f"note: {note}")
-    console.print(f"wrote {args.run}/schedule.json and {args.run}/search.json (study {result.study_name!r} "
+    console.print(f"wrote {args.run_dir}/schedule.json and {args.run_dir}/search.json (study {result.study_name!r} "
                   f"in {result.storage})")
     return 0

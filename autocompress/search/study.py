@@ -307,7 +307,8 @@ def baseline_picks(ctx: Context) -> list[tuple[list[str], dict[str, str]]]:
     same_options = all([o.label for o in s.options] == labels for s in ctx.slots)
     out: list[tuple[str, dict[str, str]]] = []
     if same_options:
-        fitting = baselines.uniform(len(labels), ctx.tables, limits)
+        # Dropping every block is no model; a uniform "drop" is never a baseline.
+        fitting = [o for o in baselines.uniform(len(labels), ctx.tables, limits) if labels[o] != "drop"]
         fitting.sort(key=lambda o: sum(v[o] for v in ctx.values))
         out += [(f"uniform:{labels[o]}", ctx.label_picks([o] * len(ctx.slots)))
                 for o in fitting[: ctx.settings.uniform_baselines]]
@@ -483,6 +484,9 @@ def _evaluate_trial(ctx: Context, study, trial, correction: Correction, labels: 
     for limit, value in zip(ctx.budget.limits, violations):
         trial.set_constraint(limit.kind, float(value))
     feasible = all(v <= 0 for v in violations)
+    if all(label == "drop" for label in picks.values()) and len(ctx.slots) == len(ctx.budget.cost.memory.blocks):
+        trial.set_constraint("keep-a-block", 1.0)  # a model with no block at all
+        feasible = False
     predicted = ctx.predictor.predict(picks)
     samples = _measured_samples(study)
     correction.fit(samples)
@@ -700,22 +704,22 @@ def result_table(result: SearchResult):
 
     from .budget import format_figure  # noqa: PLC0415
 
-    table = Table(title=f"search {result.study_name} ({len(result.trials)} trials)")
-    for column in ("what", "trial", "measured KL", "ppl", "predicted KL", "memory", "avg bits", "latency"):
-        table.add_column(column)
     source = result.budget.get("latency_source", "")
+    table = Table(title=f"search {result.study_name} ({len(result.trials)} trials)",
+                  caption=f"KL and ppl measured on held-aside calibration text; latency {source}")
+    for column in ("what", "trial", "KL", "ppl", "KL pred.", "memory", "bits", "ms"):
+        table.add_column(column, overflow="fold")
     if result.original:
-        table.add_row("original (16-bit)", "-", "0", _fmt(result.original.get("ppl")), "0",
+        table.add_row("original", "-", "0", _fmt(result.original.get("ppl")), "0",
                       format_figure("memory_bytes", result.original["memory_bytes"]),
-                      f"{result.original['avg_bits']:.2f}", f"{result.original['latency_ms']:.4g} ms ({source})")
+                      f"{result.original['avg_bits']:.2f}", f"{result.original['latency_ms']:.3g}")
     rows = [(name, b["trial"]) for name, b in result.baselines.items()]
     if result.best is not None:
-        rows.append(("best (chosen)", result.best))
+        rows.append(("best", result.best))
     for what, number in rows:
         r = result.trial(number)
         table.add_row(what, str(number), _fmt(r.measured_kl), _fmt(r.measured_ppl), _fmt(r.predicted_kl),
-                      format_figure("memory_bytes", r.memory_bytes), f"{r.avg_bits:.2f}",
-                      f"{r.latency_ms:.4g} ms ({r.latency_source})")
+                      format_figure("memory_bytes", r.memory_bytes), f"{r.avg_bits:.2f}", f"{r.latency_ms:.3g}")
     return table
 
 
