@@ -28,44 +28,61 @@ import triton.language as tl
 from ._triton_guard import INTERPRET
 from .reference import DECODE_MAX_M
 
+def _config(num_warps: int, num_stages: int, **blocks) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+# Small lists on purpose: each is benchmarked once per (M bucket, N, K, bits, group, dtype).
 _GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    _config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, PLANES=False),
+    _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PLANES=False),
+    _config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PLANES=False),
+    _config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, PLANES=False),
+    _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PLANES=True),
+    _config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, PLANES=True),
 ]
 _SPLITK_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 8}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 16}, num_warps=2, num_stages=4),
-    triton.Config({"BLOCK_N": 256, "BLOCK_K": 64, "SPLIT_K": 2}, num_warps=8, num_stages=3),
+    _config(4, 3, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, PLANES=False),
+    _config(4, 3, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, PLANES=False),
+    _config(4, 3, BLOCK_N=64, BLOCK_K=256, SPLIT_K=8, PLANES=False),
+    _config(2, 4, BLOCK_N=32, BLOCK_K=128, SPLIT_K=16, PLANES=False),
+    _config(4, 3, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, PLANES=True),
+    _config(4, 4, BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, PLANES=True),
+    _config(2, 4, BLOCK_N=32, BLOCK_K=256, SPLIT_K=16, PLANES=True),
 ]
 # Interpreter: large blocks mean few program instances (each costs tens of ms in numpy);
 # SPLIT_K=2 still exercises the atomic reduction.
-_INTERPRET_GEMM = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
-_INTERPRET_SPLITK = {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2}
+INTERPRET_GEMM = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "PLANES": False}
+INTERPRET_SPLITK = {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2, "PLANES": False}
 
 
 @triton.jit
 def _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, row_bytes,
                   stride_pn, stride_sn, stride_sg,
-                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The [BLOCK_K, BLOCK_N] tile of W.T in fp32; zero outside K and N."""
+                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PLANES: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of W.T in fp32 (columns past N are zero).
+
+    ``PLANES`` picks how codes leave the bytes; the autotuner keeps the faster one:
+    False loads one byte per element (byte ``(k*b) >> 3``, plus the next for 3-bit);
+    True loads each byte once, as contiguous rows of the packed tile, and interleaves the
+    ``8 // b`` codes it holds (3-bit: three byte planes make one 24-bit word of 8 codes).
+    """
     mask_k = offs_k < K
     mask_n = offs_n < N
     mask = mask_k[:, None] & mask_n[None, :]
-    bit = offs_k * BITS
-    byte = bit >> 3
-    rows = packed_ptr + offs_n[None, :] * stride_pn + byte[:, None]
-    word = tl.load(rows, mask=mask, other=0).to(tl.int32)
-    if BITS == 3:
-        # The next byte exists unless this is the last byte of the row.
-        high_mask = mask & ((byte + 1) < row_bytes)[:, None]
-        word = word | (tl.load(rows + 1, mask=high_mask, other=0).to(tl.int32) << 8)
-    q = (word >> (bit & 7)[:, None]) & ((1 << BITS) - 1)
+    row = packed_ptr + offs_n[None, :] * stride_pn
+    if PLANES:
+        q = _codes_planes(row, k0, mask_n, row_bytes, BITS, BLOCK_K, BLOCK_N)
+    else:
+        bit = offs_k * BITS
+        byte = bit >> 3
+        word = tl.load(row + byte[:, None], mask=mask, other=0).to(tl.int32)
+        if BITS == 3:
+            # The next byte exists unless this is the last byte of the row.
+            high_mask = mask & ((byte + 1) < row_bytes)[:, None]
+            word = word | (tl.load(row + byte[:, None] + 1, mask=high_mask, other=0).to(tl.int32) << 8)
+        q = (word >> (bit & 7)[:, None]) & ((1 << BITS) - 1)
     if GROUP_SIZE % BLOCK_K == 0:
         # The whole tile lies in one group: one scale and zero per output feature.
         group = k0 // GROUP_SIZE
@@ -78,7 +95,42 @@ def _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, r
         params = offs_n[None, :] * stride_sn + group[:, None] * stride_sg
         s = tl.load(scales_ptr + params, mask=mask, other=0).to(tl.float32)
         z = tl.load(zeros_ptr + params, mask=mask, other=0).to(tl.float32)
+    # Codes past K (padding bits of the last byte) meet x == 0, so they add nothing.
     return (q.to(tl.float32) - z) * s
+
+
+@triton.jit
+def _codes_planes(row, k0, mask_n, row_bytes, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Codes [BLOCK_K, BLOCK_N] from byte loads without repeats (k0 is a multiple of BLOCK_K).
+
+    ``tl.join`` adds a trailing axis; joining codes in bit-reversed pairs and moving those
+    axes in front of N puts code ``c`` of byte (or word) ``j`` at row ``j * per + c``.
+    """
+    if BITS == 8:
+        offs = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(row + offs[:, None], mask=(offs < row_bytes)[:, None] & mask_n[None, :], other=0).to(tl.int32)
+    elif BITS == 4:
+        offs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(row + offs[:, None], mask=(offs < row_bytes)[:, None] & mask_n[None, :], other=0).to(tl.int32)
+        q = tl.reshape(tl.permute(tl.join(b & 15, b >> 4), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+    elif BITS == 2:
+        offs = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        b = tl.load(row + offs[:, None], mask=(offs < row_bytes)[:, None] & mask_n[None, :], other=0).to(tl.int32)
+        pairs = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
+        q = tl.reshape(tl.permute(pairs, (0, 2, 3, 1)), (BLOCK_K, BLOCK_N))
+    else:  # 3 bits: 8 codes in each 3-byte word
+        first = (k0 // 8 + tl.arange(0, BLOCK_K // 8)) * 3
+        word = tl.load(row + first[:, None], mask=(first < row_bytes)[:, None] & mask_n[None, :],
+                       other=0).to(tl.int32)
+        word = word | (tl.load(row + first[:, None] + 1, mask=(first + 1 < row_bytes)[:, None] & mask_n[None, :],
+                               other=0).to(tl.int32) << 8)
+        word = word | (tl.load(row + first[:, None] + 2, mask=(first + 2 < row_bytes)[:, None] & mask_n[None, :],
+                               other=0).to(tl.int32) << 16)
+        low = tl.join(tl.join(word & 7, (word >> 12) & 7), tl.join((word >> 6) & 7, (word >> 18) & 7))
+        high = tl.join(tl.join((word >> 3) & 7, (word >> 15) & 7), tl.join((word >> 9) & 7, (word >> 21) & 7))
+        q = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 3, 4, 1)), (BLOCK_K, BLOCK_N))
+    return q
 
 
 @triton.jit
@@ -87,7 +139,7 @@ def _gemm_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, row
                  M_BUCKET,  # only an autotuning key: one tuning per power-of-two M
                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IEEE_FP32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr):
+                 GROUP_M: tl.constexpr, PLANES: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] output tile; tiles run in GROUP_M-row bands so W tiles stay in L2."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -107,7 +159,7 @@ def _gemm_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, row
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
         b = _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, row_bytes,
-                          stride_pn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K).to(a.dtype)
+                          stride_pn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K, BLOCK_N, PLANES).to(a.dtype)
         if IEEE_FP32:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -121,7 +173,7 @@ def _splitk_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, r
                    stride_xm, stride_xk, stride_pn, stride_sn, stride_sg, stride_om, stride_on,
                    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IEEE_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPLIT_K: tl.constexpr):
+                   SPLIT_K: tl.constexpr, PLANES: tl.constexpr):
     """Partial product of one K slice for BLOCK_N outputs, added atomically to the fp32 ``out``."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -138,7 +190,7 @@ def _splitk_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, r
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
         b = _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, row_bytes,
-                          stride_pn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K).to(a.dtype)
+                          stride_pn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K, BLOCK_N, PLANES).to(a.dtype)
         if IEEE_FP32:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -176,10 +228,11 @@ def _common(x2d, packed, scales, bits, group_size, in_features):
 
 
 def gemm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-         bits: int, group_size: int, in_features: int) -> torch.Tensor:
+         bits: int, group_size: int, in_features: int, config: dict | None = None) -> torch.Tensor:
     """Tiled GEMM: ``x2d`` [M, K] times the packed W [N, K] transposed -> [M, N] in ``x2d.dtype``.
 
-    Arguments are validated by :func:`autocompress.kernels.dispatch.quant_matmul`.
+    Arguments are validated by :func:`autocompress.kernels.dispatch.quant_matmul`. ``config``
+    (block sizes, ``PLANES``) replaces autotuning, as under the interpreter (tests use it).
     """
     args = _common(x2d, packed, scales, bits, group_size, in_features)
     out = torch.empty(args["M"], args["N"], dtype=x2d.dtype, device=x2d.device)
@@ -189,16 +242,16 @@ def gemm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: t
         return (triton.cdiv(args["M"], meta["BLOCK_M"]) * triton.cdiv(args["N"], meta["BLOCK_N"]),)
 
     bucket = min(triton.next_power_of_2(args["M"]), 4096)
-    if INTERPRET:
-        _gemm_kernel[grid](x2d, packed, scales, zeros, out, M_BUCKET=bucket, **args, **_INTERPRET_GEMM)
+    if config is not None or INTERPRET:
+        _gemm_kernel[grid](x2d, packed, scales, zeros, out, M_BUCKET=bucket, **args, **(config or INTERPRET_GEMM))
     else:
         _gemm_tuned[grid](x2d, packed, scales, zeros, out, M_BUCKET=bucket, **args)
     return out
 
 
 def splitk(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-           bits: int, group_size: int, in_features: int) -> torch.Tensor:
-    """Split-K decode kernel for ``x2d`` [M <= 16, K] -> [M, N] in ``x2d.dtype``."""
+           bits: int, group_size: int, in_features: int, config: dict | None = None) -> torch.Tensor:
+    """Split-K decode kernel for ``x2d`` [M <= 16, K] -> [M, N] in ``x2d.dtype`` (``config`` as in :func:`gemm`)."""
     args = _common(x2d, packed, scales, bits, group_size, in_features)
     if args["M"] > DECODE_MAX_M:
         raise ValueError(f"the split-K kernel takes at most {DECODE_MAX_M} rows, got {args['M']}")
@@ -208,8 +261,8 @@ def splitk(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros:
     def grid(meta):
         return (triton.cdiv(args["N"], meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    if INTERPRET:
-        _splitk_kernel[grid](x2d, packed, scales, zeros, out, **args, **_INTERPRET_SPLITK)
+    if config is not None or INTERPRET:
+        _splitk_kernel[grid](x2d, packed, scales, zeros, out, **args, **(config or INTERPRET_SPLITK))
     else:
         _splitk_tuned[grid](x2d, packed, scales, zeros, out, **args)
     return out if x2d.dtype == torch.float32 else out.to(x2d.dtype)

@@ -25,15 +25,23 @@ SHAPES = ((72, 200, torch.float32, torch.float16), (130, 333, torch.float16, tor
 TOLERANCE = 1e-3
 
 
+UNPACK = ("gather", "planes")  # the two ways the kernels take codes out of the bytes
+
+
+def cases() -> list[tuple]:
+    """Every case the subprocess runs: (bits, group, rows, shape index, unpack)."""
+    return list(itertools.product(BITS, GROUPS, ROWS, range(len(SHAPES)), UNPACK))
+
+
 def case_ids() -> list[str]:
-    """Every case the subprocess runs, in order (bits, group, rows, shape index)."""
-    return [case_id(*combo) for combo in itertools.product(BITS, GROUPS, ROWS, range(len(SHAPES)))]
+    """The ids of :func:`cases`, in order."""
+    return [case_id(*combo) for combo in cases()]
 
 
-def case_id(bits: int, group: int | None, rows: int, shape: int) -> str:
-    """A readable test id such as ``b3-g128-m7-n130k333``."""
+def case_id(bits: int, group: int | None, rows: int, shape: int, unpack: str) -> str:
+    """A readable test id such as ``b3-g128-m7-n130k333-planes``."""
     n, k = SHAPES[shape][:2]
-    return f"b{bits}-g{group or 'K'}-m{rows}-n{n}k{k}"
+    return f"b{bits}-g{group or 'K'}-m{rows}-n{n}k{k}-{unpack}"
 
 
 def random_weight(n: int, k: int, bits: int, group: int, scale_dtype: torch.dtype, seed: int):
@@ -54,9 +62,13 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-def run_case(bits: int, group: int | None, rows: int, shape: int) -> float:
-    """Relative error of the Triton backend against the reference twin for one case."""
-    from autocompress.kernels import quant_matmul
+def run_case(bits: int, group: int | None, rows: int, shape: int, unpack: str) -> float:
+    """Relative error of the Triton backend against the reference twin for one case.
+
+    ``gather`` goes through the dispatcher (the interpreter's default configuration);
+    ``planes`` calls the kernel's launcher with the byte-plane unpacking forced.
+    """
+    from autocompress.kernels import quant_matmul, triton_kernels
     from autocompress.kernels.dispatch import quant_matmul_reference
 
     n, k, x_dtype, scale_dtype = SHAPES[shape]
@@ -64,7 +76,14 @@ def run_case(bits: int, group: int | None, rows: int, shape: int) -> float:
     seed = hash((bits, g, rows, shape)) % (2**31)
     packed, scales, zeros = random_weight(n, k, bits, g, scale_dtype, seed)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
-    got = quant_matmul(x, packed, scales, zeros, bits, g, k, backend="triton")
+    if unpack == "gather":
+        got = quant_matmul(x, packed, scales, zeros, bits, g, k, backend="triton")
+    elif rows <= triton_kernels.DECODE_MAX_M:
+        config = {**triton_kernels.INTERPRET_SPLITK, "PLANES": True}
+        got = triton_kernels.splitk(x, packed, scales, zeros, bits, g, k, config=config)
+    else:
+        config = {**triton_kernels.INTERPRET_GEMM, "PLANES": True}
+        got = triton_kernels.gemm(x, packed, scales, zeros, bits, g, k, config=config)
     want = quant_matmul_reference(x, packed, scales, zeros, bits, g, k)
     if got.shape != want.shape or got.dtype != want.dtype:
         raise AssertionError(f"got {tuple(got.shape)} {got.dtype}, want {tuple(want.shape)} {want.dtype}")
@@ -103,7 +122,7 @@ def main() -> int:
         print(json.dumps({"fatal": "TRITON_INTERPRET=1 was not set before import"}))
         return 1
     torch.set_num_threads(1)
-    for combo in itertools.product(BITS, GROUPS, ROWS, range(len(SHAPES))):
+    for combo in cases():
         record = {"id": case_id(*combo)}
         try:
             record["error"] = run_case(*combo)

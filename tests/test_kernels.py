@@ -183,8 +183,11 @@ def test_quantlinear_uses_the_dispatcher():
 # --- the GPU path compiles (no GPU needed: Triton's ahead-of-time compiler and its bundled ptxas) --
 
 
-@pytest.mark.parametrize("kernel, bits, dtype, group", [("gemm", 3, "fp16", 32), ("splitk", 4, "bf16", 128)])
-def test_kernels_compile_for_hopper(kernel, bits, dtype, group):
+@pytest.mark.parametrize("kernel, bits, dtype, group, planes", [
+    ("gemm", 3, "fp16", 32, False), ("gemm", 4, "bf16", 128, True),
+    ("splitk", 4, "bf16", 128, False), ("splitk", 3, "fp16", 64, True),
+])
+def test_kernels_compile_for_hopper(kernel, bits, dtype, group, planes):
     """Lowering to sm_90 machine code catches what the interpreter cannot (layouts, dot shapes, dtypes)."""
     if guard.INTERPRET:
         pytest.fail("run the in-process tests without TRITON_INTERPRET=1")
@@ -195,7 +198,8 @@ def test_kernels_compile_for_hopper(kernel, bits, dtype, group):
     from autocompress.kernels import triton_kernels
 
     fn = triton_kernels._gemm_kernel if kernel == "gemm" else triton_kernels._splitk_kernel
-    config = (triton_kernels._GEMM_CONFIGS if kernel == "gemm" else triton_kernels._SPLITK_CONFIGS)[0]
+    configs = triton_kernels._GEMM_CONFIGS if kernel == "gemm" else triton_kernels._SPLITK_CONFIGS
+    config = next(c for c in configs if c.kwargs["PLANES"] == planes)
     constants = {**config.kwargs, "BITS": bits, "GROUP_SIZE": group, "IEEE_FP32": False}
     if kernel == "splitk":
         constants["BLOCK_M"] = triton_kernels.DECODE_MAX_M
