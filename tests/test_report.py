@@ -1,11 +1,15 @@
 """The report: data extraction (no plotting, no browser), escaping, the page and the CLI verb."""
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import re
 
 import pytest
 from report_run import BLOCKS, BLOCK_PARAMS, block_kl, build_run, make_profile, make_schedule, unit_name
+
+from plotly.offline import get_plotlyjs
 
 from autocompress.cli import main
 from autocompress.errors import UserError
@@ -204,11 +208,12 @@ def test_full_report_has_every_section_and_plotly_once(run_dir):
     assert _plots(page) == ["fig-sensitivity", "fig-roles", "fig-schedule", "fig-pareto", "fig-history",
                             "fig-importances", "fig-prediction", "fig-staged"]
     assert 'class="missing"' not in page
-    assert page.count("Plotly.newPlot(") - _plots(page).__len__() <= 2  # plotly.js itself names it at most twice
     scripts = re.findall(r"<script[^>]*>", page)
-    assert len(scripts) == 1 + len(_plots(page)) == page.count("</script>")
+    assert len(scripts) == 2 + len(_plots(page)) == page.count("</script>")  # packed plotly.js, loader, figures
+    packed = re.search(r'<script type="application/octet-stream" id="plotly-js-gzip">([A-Za-z0-9+/=]+)</script>', page)
+    assert gzip.decompress(base64.b64decode(packed.group(1))).decode() == get_plotlyjs()  # inlined once, intact
     assert len(page.encode()) < 5_000_000
-    assert not re.search(r"<link|<img|<iframe|src=\"http|@import|url\(http", page.split("</script>", 1)[1])
+    assert not re.search(r"<link|<img|<iframe|src=|@import|url\(", page.replace(packed.group(0), ""))
 
 
 def test_report_without_a_study_falls_back_to_search_json(tmp_path, run_dir):
@@ -241,7 +246,7 @@ def test_strings_from_models_and_files_are_escaped(tmp_path):
     assert EVIL not in page and "alert(1)</script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # shown as text in the title, tables and figures
     assert f"<title>autocompress report: {EVIL.replace('<', '&lt;').replace('>', '&gt;')}</title>" in page
-    assert len(re.findall(r"<script[^>]*>", page)) == page.count("</script>") == 1 + len(_plots(page))
+    assert len(re.findall(r"<script[^>]*>", page)) == page.count("</script>") == 2 + len(_plots(page))
 
 
 def test_cli_report_writes_the_page_and_lists_artifacts(tmp_path, run_dir, capsys):
