@@ -111,7 +111,9 @@ def main() -> None:
         return perplexity(model, evaluation, window=512, batch_size=1)
 
     def record(part: str, name: str, model, value: float, seconds: float, extra: dict | None = None) -> None:
-        row = {"part": part, "variant": name, "perplexity": round(value, 3), "parameters": parameter_count(model),
+        # Packed codes are buffers, not parameters: the count means something for pruning only.
+        count = parameter_count(model) if part != "b" else None
+        row = {"part": part, "variant": name, "perplexity": round(value, 3), "parameters": count,
                "bytes": stored_bytes(model), "seconds": round(seconds, 1), **(extra or {})}
         results["rows"].append(row)
         console.print(row)
@@ -176,7 +178,7 @@ def main() -> None:
     for column in ("part", "variant", "perplexity", "parameters", "MiB", "seconds"):
         table.add_column(column, justify="left" if column in ("part", "variant") else "right")
     for row in results["rows"]:
-        table.add_row(row["part"], row["variant"], f"{row['perplexity']:.2f}", f"{row['parameters']:,}",
+        table.add_row(row["part"], row["variant"], f"{row['perplexity']:.2f}", "-" if row["parameters"] is None else f"{row['parameters']:,}",
                       f"{row['bytes'] / 2**20:.1f}", f"{row['seconds']:.0f}")
     console.print(table)
 

@@ -86,3 +86,30 @@ def test_add_and_merge_lora_on_a_quantized_model():
     assert not lora_modules(model)
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, QuantLinear) and q.bits == 4 and q.group_size == 32
+
+
+def test_kept_adapters_are_saved_and_loaded_with_equal_logits(tmp_path):
+    from autocompress.compress.memory import stored_bytes
+    from autocompress.compress.saving import load_compressed, save_compressed
+
+    model = tiny_model("llama", layers=2)
+    schedule = Schedule.uniform(model, Choice(bits=3, group_size=32))
+    apply(model, schedule, progress=False)
+    bytes_plain = stored_bytes(model)
+    add_lora(model, rank=2)
+    with torch.no_grad():
+        for wrapper in lora_modules(model):
+            wrapper.lora_b.normal_(0, 0.05)
+    merge_lora(model, "keep")
+    assert len(lora_modules(model)) == 14
+    assert stored_bytes(model) - bytes_plain == 2 * sum(2 * (w.in_features + w.out_features) for w in lora_modules(model))
+    save_compressed(model, None, schedule, tmp_path / "m")
+    loaded, _ = load_compressed(tmp_path / "m")
+    assert len(lora_modules(loaded)) == 14
+    tokens = random_tokens(256, 2, 16)
+    with torch.no_grad():
+        want, got = model(tokens).logits, loaded(tokens).logits
+        plain = copy.deepcopy(model)
+        merge_lora(plain, "discard")
+        assert (want - plain(tokens).logits).abs().max() > 1e-3  # the adapters do something
+    assert (want - got).abs().max() <= 1e-5

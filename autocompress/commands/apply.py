@@ -67,6 +67,9 @@ def register(verbs) -> None:
     staged.add_argument("--lr", type=_non_negative, default=5e-5, help="learning rate of dense weights and norms")
     staged.add_argument("--lora-lr", type=_non_negative, default=1e-3, help="learning rate of LoRA adapters")
     staged.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on quantized layers (0: none)")
+    staged.add_argument("--lora-merge", choices=["keep", "requantize", "discard"], default="keep",
+                        help="adapters after recovery: keep as 16-bit tensors (counted in the size; default), "
+                             "fold in and re-quantize (size exactly as scheduled), or discard")
     staged.add_argument("--kd-batch", type=positive_int, default=4, help="distillation batch size (default 4)")
     staged.add_argument("--kd-seq-len", type=positive_int, default=256, help="distillation row length (default 256)")
     staged.add_argument("--temperature", type=_non_negative, default=1.0, help="distillation temperature (default 1)")
@@ -95,6 +98,7 @@ def run(args) -> int:
                                 seq_len=args.kd_seq_len, temperature=args.temperature or 1.0)
         staged = StagedConfig(step_fraction=args.step_fraction, one_shot=args.one_shot, gates=gates,
                               recovery=Recovery(args.recovery), distill=distill, calib_seq_len=args.seq_len,
+                              lora_merge=args.lora_merge,
                               resume=args.resume)
     elif args.resume:
         raise UserError("--resume continues a staged run; add --staged")

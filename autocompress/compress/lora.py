@@ -7,13 +7,18 @@ A [r, in] and B [out, r]. B starts at zero, so wrapping changes nothing until tr
 While training, the frozen base weight is dequantized once and cached in fp32 (the packed
 path would unpack the codes at every forward and backward); the cache is dropped on merge.
 
-Merging (:func:`merge_lora`): the packed format has no place for a 16-bit side matrix, so the
-saved form is the quantized layer only. ``requantize`` quantizes ``W + (alpha/r) B A`` again
-with the layer's own bits and group size (round-to-nearest, fresh scales): the model stays
-exactly as large as the schedule says, but the part of the update smaller than half a
-quantization step is lost. ``discard`` drops the adapters. Keeping adapters unmerged is what
-QLoRA does; it is measured in memory by ``bench/staged.py`` (their extra bytes counted), but
-such a model cannot be saved by :func:`~autocompress.compress.saving.save_compressed`.
+After training, :func:`merge_lora` decides what the model keeps:
+
+* ``keep`` (QLoRA's way): the adapters stay beside the packed codes as 16-bit tensors
+  (rounded to fp16 now, so the in-memory model equals its saved form);
+  :func:`~autocompress.compress.saving.save_compressed` stores them and loading rebuilds the
+  wrapper. They cost ``2 * r * (in + out)`` bytes per layer on top of the schedule's size,
+  and every reported size counts them. Inference runs the packed path plus the low-rank term.
+* ``requantize``: ``W + (alpha/r) B A`` is quantized again with the layer's own bits and
+  group size (round-to-nearest, fresh scales). The size stays exactly what the schedule
+  says, but the part of the update below half a quantization step is lost; on SmolLM2 at
+  3 bits most of the recovery is (``bench/staged.py``).
+* ``discard``: back to the frozen base.
 
 Example::
 
@@ -33,7 +38,7 @@ from ..models import adapter_for
 from .prune import set_submodule
 from .quantize import QuantLinear, quantize_rtn
 
-MERGE_MODES = ("requantize", "discard")
+MERGE_MODES = ("keep", "requantize", "discard")
 
 
 class LoRAQuantLinear(nn.Module):
@@ -72,9 +77,24 @@ class LoRAQuantLinear(nn.Module):
         return self.scale * (self.lora_b @ self.lora_a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Base output plus the low-rank update."""
-        base = F.linear(x, self.dense_base().to(x.dtype), self.base.bias)
+        """Base output plus the low-rank update (cached dense base only while adapters train)."""
+        if torch.is_grad_enabled() and self.lora_b.requires_grad:
+            base = F.linear(x, self.dense_base().to(x.dtype), self.base.bias)
+        else:
+            self._dense = None
+            base = self.base(x)
         return base + self.scale * F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+
+    def lora_record(self) -> dict:
+        """What a saved model records to rebuild this wrapper (read by saving.py)."""
+        return {"lora_rank": self.rank, "lora_scale": self.scale}
+
+    @classmethod
+    def empty(cls, base: QuantLinear, record: dict) -> LoRAQuantLinear:
+        """A wrapper shaped as ``record`` says around ``base`` (weights still to be loaded)."""
+        wrapper = cls(base, int(record["lora_rank"]))
+        wrapper.scale = float(record["lora_scale"])
+        return wrapper
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}"
@@ -126,16 +146,24 @@ def merged_quant_linear(wrapper: LoRAQuantLinear) -> QuantLinear:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module, mode: str = "requantize") -> int:
-    """Replace every LoRA wrapper by a plain QuantLinear; returns how many were merged.
+    """Settle every LoRA wrapper after training (see the module docstring); returns how many.
 
-    ``requantize`` folds the update into the weights and quantizes again (same bits and group
-    size); ``discard`` restores the frozen base unchanged.
+    ``keep`` rounds the adapters to fp16 and leaves the wrappers; ``requantize`` folds the
+    update into the weights and quantizes again (same bits and group size); ``discard``
+    restores the frozen base unchanged.
     """
     if mode not in MERGE_MODES:
         raise ValueError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
     count = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoRAQuantLinear):
+            continue
+        if mode == "keep":
+            module.requires_grad_(False)
+            for param in (module.lora_a, module.lora_b):
+                param.data.copy_(param.data.half().float())
+            module._dense = None
+            count += 1
             continue
         new = merged_quant_linear(module) if mode == "requantize" else module.base
         new.requires_grad_(False)

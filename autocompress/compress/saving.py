@@ -40,6 +40,8 @@ WEIGHTS = "model.safetensors"
 
 
 def _linear_record(module: nn.Module) -> dict:
+    if hasattr(module, "lora_record"):  # a LoRA wrapper (compress/lora.py): its base plus the adapters' shape
+        return {**_linear_record(module.base), **module.lora_record()}
     record = {"out": module.out_features, "in": module.in_features, "bias": module.bias is not None}
     if isinstance(module, QuantLinear):
         record.update(bits=module.bits, group_size=module.group_size)
@@ -123,6 +125,10 @@ def save_compressed(model: nn.Module, tokenizer, schedule: Schedule | None, out_
 
 
 def _empty_linear(record: dict, dtype: torch.dtype) -> nn.Module:
+    if record.get("lora_rank"):
+        from .lora import LoRAQuantLinear  # noqa: PLC0415
+
+        return LoRAQuantLinear.empty(_empty_linear({**record, "lora_rank": 0}, dtype), record)
     if record["bits"] < 16:
         return QuantLinear(record["in"], record["out"], record["bits"], record["group_size"],
                            bias=record["bias"], dtype=dtype)

@@ -57,7 +57,7 @@ from ..schedule import Choice, QuantMethod, Schedule
 from .apply import DroppedBlock, _compress_head, compress_block, compress_block_, needs_calibration
 from .calibrate import capture_block_inputs, run_block, token_batch
 from .distill import DistillConfig, distill
-from .lora import MERGE_MODES, merge_lora
+from .lora import MERGE_MODES, lora_parameters, merge_lora
 from .memory import MemoryModel
 from .prune import drop_blocks, set_submodule
 from .saving import load_compressed, save_compressed
@@ -122,7 +122,8 @@ class StagedConfig:
     the first ``calib_rows`` rows (None: all); distillation cuts all the calibration tokens
     into rows of ``distill.seq_len``.
     ``lora_merge`` says how adapters end up in the saved model (see
-    :mod:`~autocompress.compress.lora`).
+    :mod:`~autocompress.compress.lora`): ``keep`` (default) stores them as 16-bit tensors,
+    and every size reported includes them; ``requantize`` keeps the schedule's size exactly.
     """
 
     step_fraction: float = 0.15
@@ -130,7 +131,7 @@ class StagedConfig:
     gates: Gates = Gates()
     recovery: Recovery = Recovery.ON_FAILURE
     distill: DistillConfig = DistillConfig(steps=100)
-    lora_merge: str = "requantize"
+    lora_merge: str = "keep"
     calib_seq_len: int = 512
     calib_rows: int | None = None
     batch_size: int = 8
@@ -545,7 +546,8 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         before = current
         accepted = [by_name[n] for n in state["accepted"]]
         pending = [by_name[n] for n in state["pending"]]
-        bytes_before = memory.schedule_bytes(_schedule_of(fingerprint, accepted))
+        adapter_bytes = 2 * lora_parameters(student)  # kept LoRA adapters, stored in 16 bits
+        bytes_before = memory.schedule_bytes(_schedule_of(fingerprint, accepted)) + adapter_bytes
         step = pending if config.one_shot else next_step(pending, weights, bytes_before, config.step_fraction)
         number = len(steps) + 1
         console.print(f"step {number}: {len(step)} unit(s), {', '.join(u.name for u in step[:4])}"
@@ -588,7 +590,8 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         applied = _schedule_of(fingerprint, accepted_now)
         record = StepRecord(
             index=number, units=[u.name for u in step], bytes_before=bytes_before,
-            bytes_after=memory.schedule_bytes(applied), parameters_after=memory.schedule_parameters(applied),
+            bytes_after=memory.schedule_bytes(applied) + 2 * lora_parameters(student),
+            parameters_after=memory.schedule_parameters(applied) + lora_parameters(student),
             before=_fmt(before), after=_fmt(after),
             recovered=_fmt(recovered), recovery=recovery, gate=gate, failures=failures, frozen=frozen,
             seconds=round(time.perf_counter() - tick, 2))
@@ -607,9 +610,11 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         "frozen": list(state["frozen"]), "steps": len(steps)}})
     if dropped_indices(student):
         drop_blocks(student, dropped_indices(student))
-    final_bytes = memory.schedule_bytes(applied)
+    final_bytes = memory.schedule_bytes(applied) + 2 * lora_parameters(student)
     state["complete"] = True
-    state["final"] = {**_fmt(current), "bytes": final_bytes, "parameters": memory.schedule_parameters(applied)}
+    state["final"] = {**_fmt(current), "bytes": final_bytes,
+                      "parameters": memory.schedule_parameters(applied) + lora_parameters(student),
+                      "lora_parameters": lora_parameters(student)}
     write_artifact(state_path, STAGED_TYPE, STAGED_VERSION, state)
     return StagedResult(student, applied, steps, list(state["frozen"]), original, current,
                         state["original"]["bytes"], final_bytes, time.perf_counter() - started)
