@@ -12,12 +12,13 @@ On CPU: the PyTorch reference path in fp32 against an fp32 ``torch.matmul`` (CPU
 is emulated), SmolLM2's shapes only unless ``--shapes all``; those are reference timings on
 this CPU, not kernel figures.
 
-Run: ``.venv/bin/python bench/kernels.py [--bits 2 3 4 8] [--rows 1 16 512] [--shapes all]``
+Run: ``.venv/bin/python -m bench.kernels [--bits 2 3 4 8] [--rows 1 16 512] [--shapes all]``
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import statistics
 import time
 
@@ -124,15 +125,17 @@ def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int, devic
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    # transformers 5 renamed past_key_values to cache (argument and output field).
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True)
-        cache, next_id = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, next_id = getattr(out, name), out.logits[:, -1:].argmax(-1)
         for step in range(new_tokens + 3):
             if step == 3:
                 sync()
                 start = time.perf_counter()
-            out = model(input_ids=next_id, past_key_values=cache, use_cache=True)
-            cache, next_id = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=next_id, use_cache=True, **{name: cache})
+            cache, next_id = getattr(out, name), out.logits[:, -1:].argmax(-1)
         sync()
     return new_tokens / (time.perf_counter() - start)
 
