@@ -67,6 +67,13 @@ def test_sensitivity_matrix_is_in_model_order_with_measured_values():
     assert info.kl[-1][0] == 3.0 and info.kl[-1][1] is None  # unmeasured stays None
 
 
+def test_additivity_and_proxy_tables():
+    profile = make_profile()
+    profile.proxy_spearman = {"fisher": 0.8, "weight_kurtosis": -0.9, "activation_norm": 0.1}
+    assert data.additivity_rows(profile) == [("bits=3", "0.3", "0.5", "1.67")]
+    assert data.proxy_rows(profile) == [("weight_kurtosis", "-0.9"), ("fisher", "0.8"), ("activation_norm", "0.1")]
+
+
 def test_role_curves_from_profile_and_rebuilt_from_units():
     profile = make_profile()
     info = data.role_curve_info(profile)

@@ -50,6 +50,14 @@ def _sensitivity(run: data.Run) -> Section:
         section.missing = "the profile has no units"
     else:
         section.body = figure_html(figures.sensitivity_figure(data.sensitivity_info(run.profile)), "fig-sensitivity")
+        additivity, proxies = data.additivity_rows(run.profile), data.proxy_rows(run.profile)
+        if additivity:
+            section.body += ("<h3>Additivity: every unit at once against the sum of single units</h3>"
+                             + table_html(["choice", "sum of single-unit KLs", "measured KL", "measured / sum"],
+                                          additivity))
+        if proxies:
+            section.body += ("<h3>Cheap proxies against measured KL (Spearman rank correlation)</h3>"
+                             + table_html(["proxy", "Spearman rho"], proxies))
     return section
 
 

@@ -165,6 +165,24 @@ def sensitivity_info(profile: Profile) -> SensitivityInfo:
                            [[_number(u.kl.get(label)) for label in labels] for u in units])
 
 
+def additivity_rows(profile: Profile) -> list[tuple[str, str, str, str]]:
+    """(bits, predicted KL, measured KL, measured/predicted) of the profile's additivity checks:
+    every unit changed at once, against the sum of single-unit KLs."""
+    rows = []
+    for check in sorted(profile.additivity, key=lambda c: c.bits):
+        ratio = check.measured_kl / check.predicted_kl if check.predicted_kl > 0 else None
+        rows.append((f"bits={check.bits}", format_number(check.predicted_kl), format_number(check.measured_kl),
+                     format_number(ratio, 3)))
+    return rows
+
+
+def proxy_rows(profile: Profile) -> list[tuple[str, str]]:
+    """(proxy, Spearman rho with measured KL), best-ranking proxy first."""
+    pairs = [(name, _number(rho)) for name, rho in profile.proxy_spearman.items()]
+    pairs.sort(key=lambda p: -abs(p[1]) if p[1] is not None else 0)
+    return [(name, format_number(rho, 3)) for name, rho in pairs]
+
+
 @dataclass
 class RoleCurveInfo:
     """Selectivity of each linguistic probe task per layer (layer 0 = embeddings) and each block's dominant task."""

@@ -63,7 +63,7 @@ def sensitivity_figure(info: SensitivityInfo) -> go.Figure:
         z=z, x=[label(x) for x in info.labels], y=[label(u) for u in info.units], text=text,
         colorscale="Viridis", hoverongaps=False,
         hovertemplate="%{y}<br>%{x}<br>KL %{text}<extra></extra>",
-        colorbar=dict(title=dict(text="KL"), tickvals=ticks, ticktext=[f"1e{t}" for t in ticks]),
+        colorbar=dict(title=dict(text="KL"), tickvals=ticks, ticktext=[f"{10.0 ** t:g}" for t in ticks]),
     ))
     fig.update_yaxes(autorange="reversed", title_text="unit")
     fig.update_xaxes(title_text="probe choice", side="top")
