@@ -10,10 +10,16 @@ accumulation, masked tails so any M, N and K work):
   and costs nothing that matters.
 
 The packing is :mod:`.packing`'s: element k of a row sits at bits [k*b, (k+1)*b) of a
-little-endian byte stream, so its byte is ``(k*b) >> 3`` and its shift ``(k*b) & 7``; a 3-bit
-value can straddle two bytes, so that case also loads the next byte. Neighbouring k share a
-byte for 2/4-bit codes; those repeated loads hit the same cache line (the AutoGPTQ/GemLite
-pattern) instead of a shuffle that Triton cannot express for 3-bit.
+little-endian byte stream. Codes leave the bytes in one of two ways, chosen per shape by the
+autotuner (``PLANES`` in the configurations):
+
+* per element: load byte ``(k*b) >> 3`` (and the next one for 3-bit, whose codes can
+  straddle two bytes) and shift by ``(k*b) & 7``. Neighbours reload a shared byte from the
+  same cache line (the AutoGPTQ/GemLite pattern): simple, but one load per code.
+* byte planes: load each byte once as a contiguous tile, split it into its ``8 // b`` codes
+  (3-bit: three bytes form a 24-bit word of 8 codes) and interleave them with ``tl.join``.
+
+Which is faster depends on the GPU and the shape; neither has been timed on a GPU yet.
 
 Import this module only where :mod:`._triton_guard` says Triton is available. Under
 ``TRITON_INTERPRET=1`` the launchers pass one fixed configuration, because autotuning in the
@@ -28,7 +34,9 @@ import triton.language as tl
 from ._triton_guard import INTERPRET
 from .reference import DECODE_MAX_M
 
+
 def _config(num_warps: int, num_stages: int, **blocks) -> triton.Config:
+    """One autotuning candidate: block sizes and ``PLANES`` as keywords."""
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 

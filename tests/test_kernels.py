@@ -15,7 +15,6 @@ import kernel_cases
 from autocompress.compress.quantize import QuantLinear, quantize_linear, quantize_rtn
 from autocompress.kernels import _triton_guard as guard
 from autocompress.kernels import dequantize, pack, quant_matmul, select_backend, unpack
-from autocompress.kernels.dispatch import quant_matmul_reference
 from autocompress.kernels.reference import dequantize_fp32, gemm_reference, splitk_reference, unpack_codes
 
 # --- Triton under the interpreter (one subprocess for every case) ---------------------------
@@ -53,6 +52,22 @@ def test_interpreter_end_to_end(interpreter_results):
     assert _result(interpreter_results, "quantlinear_m33") <= kernel_cases.TOLERANCE
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the interpreter cases run on CPU)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_triton_on_cuda_matches_reference(dtype, bits, rows):
+    """The compiled, autotuned kernels on a GPU (bf16 included, which the interpreter gets wrong)."""
+    packed, scales, zeros = (t.cuda() for t in kernel_cases.random_weight(1000, 1100, bits, 128, dtype, seed=bits))
+    x = torch.randn(rows, 1100, device="cuda").to(dtype)
+    got = quant_matmul(x, packed, scales, zeros, bits, 128, 1100)
+    want = quant_matmul(x, packed, scales, zeros, bits, 128, 1100, backend="reference")
+    # bf16 keeps 8 mantissa bits: rounding W and y alone costs a few 1e-3.
+    tolerance = 1e-2 if dtype == torch.bfloat16 else kernel_cases.TOLERANCE
+    assert got.dtype == dtype
+    assert kernel_cases.relative_error(got, want) <= tolerance
+
+
 # --- the reference, in process --------------------------------------------------------------
 
 
@@ -71,7 +86,7 @@ def _handmade_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 @pytest.mark.parametrize("group", [4, 16])
 def test_reference_matches_handmade_dequantization(bits, group):
     n, k = 5, 27  # odd K: a narrower last group and (for 3 bits) a row ending mid-byte
-    packed, scales, zeros = kernel_cases.random_weight(n, k, bits, group, torch.float16, seed=bits * 100 + group)
+    _, scales, zeros = kernel_cases.random_weight(n, k, bits, group, torch.float16, seed=bits * 100 + group)
     codes = torch.randint(0, 1 << bits, (n, k), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
     packed = pack(codes, bits)
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
