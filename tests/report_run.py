@@ -61,6 +61,7 @@ def memory_of(picks: dict[str, str]) -> int:
 def make_search(run_dir: Path, model: str = "tiny-llama", trials: int = 12) -> SearchResult:
     """A real sqlite Optuna study over per-block bits, and the search.json record of it."""
     storage = f"sqlite:///{run_dir / 'study.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name="report-test", storage=storage, direction="minimize",
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     study.enqueue_trial({unit_name(i): "bits=3" for i in range(BLOCKS)})  # uniform baseline
@@ -72,7 +73,6 @@ def make_search(run_dir: Path, model: str = "tiny-llama", trials: int = 12) -> S
         trial.set_user_attr("memory", memory_of(picks))
         return sum(block_kl(i, picks[unit_name(i)]) for i in range(BLOCKS))
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=trials)
     records = []
     for t in study.trials:

@@ -11,19 +11,16 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
 import struct
-import subprocess
 from html.parser import HTMLParser
 
 import pytest
 from report_run import build_run
 
 from autocompress.report import write_report
+from autocompress.report.browser import dump_dom, find_chromium, screenshot
 
-CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome", "chrome")
-                 if (path := shutil.which(name))), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary on PATH (as root, .ci/run installs "
+pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no Chromium binary on PATH (as root, .ci/run installs "
                                                          "Debian's chromium package; without root it cannot)")
 
 # Collects uncaught errors, rejected promises, console.error calls and any alert(), then, after
@@ -48,16 +45,6 @@ window.addEventListener("load", function () {
   }, 1000);
 });
 </script>"""
-
-FLAGS = ["--headless=new", "--disable-gpu", "--no-sandbox", "--no-first-run", "--disable-extensions",
-         "--host-resolver-rules=MAP * ~NOTFOUND", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000"]
-
-
-def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    profile = tmp_path / "chromium-profile"
-    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
-                          timeout=120)
-
 
 class _Plots(HTMLParser):
     """Per plot div (class ``plot``), whether an element of class ``main-svg`` lies inside it."""
@@ -104,7 +91,7 @@ def _open(tmp_path, page: str) -> tuple[dict, str, list[str]]:
     """Load ``page`` with the probe: (what the probe saw, the DOM after load, console errors on stderr)."""
     probed = tmp_path / "probed.html"
     probed.write_text(page.replace("<head>", "<head>\n" + PROBE, 1))
-    done = _chromium(tmp_path, "--dump-dom", probed.as_uri())
+    done = dump_dom(probed)
     assert done.returncode == 0, done.stderr[-2000:]
     dom = done.stdout
     probe = re.search(r'<pre id="__probe">(.*?)</pre>', dom, re.S)
@@ -141,10 +128,17 @@ def test_report_renders_in_chromium_without_errors(report, tmp_path):
 
 
 def test_report_screenshot(report, tmp_path):
-    shot = tmp_path / "report.png"
-    done = _chromium(tmp_path, "--hide-scrollbars", "--window-size=1280,7200", f"--screenshot={shot}", report.as_uri())
-    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+    shot = screenshot(report, tmp_path / "report.png", height=7200)
     header = shot.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (1280, 7200)
     assert shot.stat().st_size > 100_000  # a blank page compresses to a few kB
     print(f"report screenshot: {shot}")
+
+
+def test_cli_report_saves_a_screenshot(report, tmp_path, capsys):
+    from autocompress.cli import main
+
+    png = tmp_path / "top.png"
+    assert main(["report", str(report.parent), "--out", str(tmp_path / "r.html"), "--screenshot", str(png)]) == 0
+    assert struct.unpack(">II", png.read_bytes()[16:24]) == (1280, 2400)
+    assert f"wrote {png}" in capsys.readouterr().out.replace("\n", "")

@@ -9,6 +9,7 @@ def register(verbs) -> None:
                                        "run directory into one HTML file; missing artifacts are named on the page.")
     rep.add_argument("run_dir", metavar="RUN", help="run directory (the --out of `autocompress profile`)")
     rep.add_argument("--out", help="where to write the report (default: RUN/report.html)")
+    rep.add_argument("--screenshot", metavar="PNG", help="also save a PNG of the top of the page (needs Chromium)")
     rep.set_defaults(run=run)
 
 
@@ -29,4 +30,8 @@ def run(args) -> int:
     console = Console()
     console.print(table)
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    if args.screenshot:
+        from ..report.browser import screenshot  # noqa: PLC0415
+
+        console.print(f"wrote {screenshot(out, args.screenshot)}")
     return 0
