@@ -213,3 +213,14 @@ def test_cli_apply_staged_end_to_end(tmp_path, tokenizer, capsys):
     assert (run / "staged.json").exists() and (run / "staged" / "model" / "model.safetensors").exists()
     assert main(argv) == 2  # RUN/model exists now
     assert "--overwrite" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 2  # staged.json of a finished run: refused, not silently redone
+    assert "--restart" in capsys.readouterr().err
+    assert main(argv + ["--overwrite", "--restart"]) == 0
+    capsys.readouterr()
+
+    one_shot = ["apply", str(run), "--out", str(tmp_path / "one"), "--calib-tokens", "1024", "--valid-tokens", "512",
+                "--seq-len", "64", "--threads", "1"]
+    assert main(one_shot) == 0
+    assert "validation perplexity" in capsys.readouterr().out
+    loaded, _ = load_compressed(tmp_path / "one")
+    assert loaded.model.layers[0].self_attn.q_proj.bits == 4

@@ -51,6 +51,7 @@ def register(verbs) -> None:
     staged = ap.add_argument_group("staged compression")
     staged.add_argument("--staged", action="store_true", help="compress in gated steps with recovery")
     staged.add_argument("--resume", action="store_true", help="continue an interrupted staged run")
+    staged.add_argument("--restart", action="store_true", help="discard an earlier staged run and start over")
     staged.add_argument("--step-fraction", type=_fraction, default=0.15,
                         help="most of the current size one step may remove (default 0.15)")
     staged.add_argument("--one-shot", action="store_true", help="one step with everything (gates still apply)")
@@ -98,10 +99,10 @@ def run(args) -> int:
                                 seq_len=args.kd_seq_len, temperature=args.temperature or 1.0)
         staged = StagedConfig(step_fraction=args.step_fraction, one_shot=args.one_shot, gates=gates,
                               recovery=Recovery(args.recovery), distill=distill, calib_seq_len=args.seq_len,
-                              lora_merge=args.lora_merge,
+                              lora_merge=args.lora_merge, restart=args.restart,
                               resume=args.resume)
-    elif args.resume:
-        raise UserError("--resume continues a staged run; add --staged")
+    elif args.resume or args.restart:
+        raise UserError("--resume and --restart are about staged runs; add --staged")
     result = apply_run(ApplyConfig(run_dir=Path(args.run_dir), schedule=Path(args.schedule) if args.schedule else None,
                                    out=Path(args.out) if args.out else None, model=args.model, data=args.data,
                                    calib_tokens=args.calib_tokens, valid_tokens=args.valid_tokens,

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
@@ -139,9 +140,12 @@ class StagedConfig:
     eval_batch_size: int = 2
     proxy_rows: int = 4
     resume: bool = False
+    restart: bool = False
     progress: bool = True
 
     def __post_init__(self):
+        if self.resume and self.restart:
+            raise UserError("resume and restart exclude each other; pick one")
         if not 0 < self.step_fraction <= 1:
             raise UserError(f"step fraction must be in (0, 1], got {self.step_fraction}")
         if self.lora_merge not in MERGE_MODES:
@@ -499,15 +503,18 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
     train_rows = token_batch(calib, min(config.distill.seq_len, calib.numel()))
 
     state = None
+    if state_path.exists() and config.restart:
+        state_path.unlink()
+        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
     if state_path.exists():
         if not config.resume:
             raise UserError(f"{state_path} exists from an earlier staged run; pass --resume to continue it, "
-                            f"or remove it to start over")
+                            f"or --restart to start over")
         state = _load_state(state_path)
         if state["schedule"] != schedule_hash(schedule) or state["model"] != fingerprint:
             raise UserError(f"{state_path} belongs to another schedule or model; remove it to start over")
         if state.get("complete"):
-            raise UserError(f"{state_path} records a completed staged run; remove it to run again")
+            raise UserError(f"{state_path} records a completed staged run; pass --restart to run it again")
 
     if state is not None and state["steps"]:
         teacher = model
