@@ -79,6 +79,9 @@ def test_role_curves_from_profile_and_rebuilt_from_units():
     info = data.role_curve_info(profile)
     assert info.layers == list(range(BLOCKS + 1)) and set(info.curves) == {"lexical", "word_class", "nesting"}
     assert info.dominant[0] == (0, "lexical") and len(info.dominant) == BLOCKS
+    assert data.dominant_groups(info) == [("lexical", "0, 3"), ("word_class", "1, 4"), ("nesting", "2, 5")]
+    info.dominant = [(0, "a"), (1, "a"), (2, "a"), (3, "b"), (4, "a"), (6, "a"), (7, "a")]
+    assert data.dominant_groups(info) == [("a", "0-2, 4, 6-7"), ("b", "3")]
     profile.role_curves = {}
     rebuilt = data.role_curve_info(profile)
     assert rebuilt.curves["nesting"][0] is None  # no embeddings layer without curves

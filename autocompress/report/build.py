@@ -75,8 +75,8 @@ def _roles(run: data.Run) -> Section:
         return section
     section.body = figure_html(figures.role_curve_figure(info), "fig-roles")
     if info.dominant:
-        section.body += "<h3>Dominant task per block</h3>" + table_html(
-            ["block", "dominant task"], [(block, role) for block, role in info.dominant])
+        section.body += "<h3>Blocks by dominant task</h3>" + table_html(
+            ["dominant task", "blocks"], data.dominant_groups(info), align=False)
     return section
 
 

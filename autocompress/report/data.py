@@ -204,6 +204,25 @@ def role_curve_info(profile: Profile) -> RoleCurveInfo:
     return RoleCurveInfo(list(range(length)), curves, dominant)
 
 
+def _ranges(numbers: list[int]) -> str:
+    """``0-3, 7, 12-14`` from sorted integers."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def dominant_groups(info: RoleCurveInfo) -> list[tuple[str, str]]:
+    """(task, the blocks it dominates as ranges), tasks in order of their first block."""
+    groups: dict[str, list[int]] = {}
+    for block, role in info.dominant:
+        groups.setdefault(role, []).append(block)
+    return [(role, _ranges(sorted(blocks))) for role, blocks in groups.items()]
+
+
 # --- schedule --------------------------------------------------------------------------------
 
 @dataclass
