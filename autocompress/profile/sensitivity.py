@@ -63,10 +63,14 @@ class OutputReference:
         for chunk in self._chunks():
             logits = self._logits(self.normed[chunk])
             log_probs = F.log_softmax(logits, dim=-1)
-            self.nll[chunk] = -log_probs.gather(-1, self.targets[chunk, None]).squeeze(-1).double()
             if self.linear:
+                # The same formulas as compare(), so an unchanged model gives exactly zero.
                 self.lse[chunk] = torch.logsumexp(logits, dim=-1).double()
+                target_logit = logits.gather(-1, self.targets[chunk, None]).squeeze(-1).double()
+                self.nll[chunk] = self.lse[chunk] - target_logit
                 self.expected[chunk] = log_probs.exp() @ self.head.weight
+            else:
+                self.nll[chunk] = -log_probs.gather(-1, self.targets[chunk, None]).squeeze(-1).double()
 
     @property
     def loss(self) -> float:
