@@ -445,10 +445,21 @@ def reinsert_dropped(model: nn.Module, dropped: list[int], like: nn.Module) -> n
 # The staged run
 
 
-def _quality(model: nn.Module, teacher: nn.Module, tokens: torch.Tensor, config: StagedConfig) -> Quality:
+def _quality(model: nn.Module, teacher: nn.Module | None, tokens: torch.Tensor, config: StagedConfig) -> Quality:
+    """Validation quality of ``model``; KL to ``teacher`` (0 without one: the teacher itself)."""
     m = stream_metrics(model, tokens, window=config.eval_window, batch_size=config.eval_batch_size,
                        reference=teacher, progress=False)
-    return Quality(m["perplexity"], m["loss"], m["kl"])
+    return Quality(m["perplexity"], m["loss"], m["kl"] if teacher is not None else 0.0)
+
+
+def _restore(model: nn.Module, saved_blocks: dict[int, nn.Module], head: tuple[nn.Module, bool]) -> None:
+    """Put back the blocks and the output head saved before a step (exact rollback)."""
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    for index, block in saved_blocks.items():
+        blocks[index] = block
+    set_submodule(model, adapter.lm_head, head[0])
+    model.config.tie_word_embeddings = head[1]
 
 
 def _flat(tokens) -> torch.Tensor:
@@ -469,7 +480,7 @@ def _load_state(path: Path) -> dict:
     data = read_artifact(path, STAGED_TYPE, STAGED_VERSION)
     for key in ("schedule", "model", "order", "original", "steps", "accepted", "frozen", "pending", "dropped"):
         if key not in data:
-            raise UserError(f"{path}: field {key!r} is missing; start over without --resume")
+            raise UserError(f"{path}: field {key!r} is missing; start over with --restart")
     return data
 
 
@@ -512,7 +523,7 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
                             f"or --restart to start over")
         state = _load_state(state_path)
         if state["schedule"] != schedule_hash(schedule) or state["model"] != fingerprint:
-            raise UserError(f"{state_path} belongs to another schedule or model; remove it to start over")
+            raise UserError(f"{state_path} belongs to another schedule or model; pass --restart to start over")
         if state.get("complete"):
             raise UserError(f"{state_path} records a completed staged run; pass --restart to run it again")
 
@@ -529,7 +540,7 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
     student.eval()
 
     if state is None or not state["steps"]:
-        original = _quality(teacher, teacher, valid, config)
+        original = _quality(teacher, None, valid, config)
         if profile is not None and (scores := profile_scores(profile, units)) is not None:
             source = "profile"
         else:
@@ -579,10 +590,7 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
 
         frozen = []
         if failures:
-            for index, block in saved.items():
-                blocks[index] = block
-            set_submodule(student, head_name, saved_head[0])
-            student.config.tie_word_embeddings = saved_head[1]
+            _restore(student, saved, saved_head)
             frozen = [u.name for u in step]
             state["frozen"] += frozen
             gate = "rolled back"
