@@ -282,3 +282,25 @@ def test_value_axes_are_logarithmic_only_over_more_than_a_decade():
 
     assert value_axis([0.001, 0.5, None])["type"] == "log"
     assert value_axis([0.002, 0.007])["type"] == "linear" and value_axis([None, 0.0])["type"] == "linear"
+
+
+def test_optuna_figures_from_a_multi_objective_journal_study(tmp_path):
+    import optuna
+    import plotly.graph_objects as go
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from autocompress.report.figures import optuna_figures
+
+    journal = tmp_path / "study.log"
+    study = optuna.create_study(study_name="nsga", directions=["minimize", "minimize"],
+                                storage=JournalStorage(JournalFileBackend(str(journal))),
+                                sampler=optuna.samplers.RandomSampler(seed=1))
+    study.optimize(lambda t: (t.suggest_float("a", 0, 1) + t.suggest_int("b", 2, 4), t.suggest_float("c", 0, 1)),
+                   n_trials=8)
+    drawn = optuna_figures(str(journal), "nsga")
+    assert isinstance(drawn["history"], go.Figure) and isinstance(drawn["importances"], go.Figure)
+    assert {bar for trace in drawn["importances"].data for bar in trace.y} == {"a", "b", "c"}
+    assert len(drawn["history"].data[0].x) == 8
+    missing = optuna_figures(str(journal), "no-such-study")
+    assert missing["history"].startswith("the Optuna study 'no-such-study' could not be opened")

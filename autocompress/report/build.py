@@ -118,8 +118,9 @@ def _optuna_sections(run: data.Run) -> list[Section]:
                       "The objective of each trial in order, and the best value so far: where the curve flattens, "
                       "more trials stop paying.")
     importances = Section("importances", "Parameter importances",
-                          "Which units' choices explain most of the objective's variation across trials (Optuna's "
-                          "fANOVA importance evaluator): the units where the choice matters.")
+                          "Which units' choices matter most for reaching a good objective across the trials "
+                          "(Optuna's default importance evaluator, PED-ANOVA in Optuna 5): the units where the "
+                          "choice matters.")
     if run.search is None:
         history.missing = importances.missing = _absent(run, "search.json")
         return [history, importances]

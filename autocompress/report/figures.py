@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import warnings
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -264,7 +265,9 @@ def optuna_figures(storage: str, study_name: str) -> dict[str, go.Figure | str]:
     for name, plot, height in (("history", plot_optimization_history, 420),
                                ("importances", plot_param_importances, max(320, 90 + 16 * min(params, 40)))):
         try:
-            figures[name] = styled(plot(study, **kwargs), height=height).update_layout(title=None)
+            with warnings.catch_warnings():  # our targets are minimised, which is what PED-ANOVA assumes
+                warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+                figures[name] = styled(plot(study, **kwargs), height=height).update_layout(title=None)
         except Exception as exc:  # noqa: BLE001 (e.g. importances need two completed trials)
             figures[name] = f"Optuna could not draw it: {type(exc).__name__}: {exc}"
     return figures
