@@ -80,6 +80,11 @@ class Choice:
         return self.bits < 16
 
     @property
+    def changes_weights(self) -> bool:
+        """Whether a linear under this choice differs from the original (codes or zeros)."""
+        return self.quantized or self.pattern is not SparsityPattern.NONE
+
+    @property
     def structural(self) -> bool:
         """Whether this choice changes shapes (heads, channels or the whole block)."""
         return self.drop or self.head_ratio > 0 or self.channel_ratio > 0

@@ -50,6 +50,22 @@ def _needs_norms(choice: Choice, linear_choices: dict[str, Choice]) -> bool:
                              for c in linear_choices.values())
 
 
+# Roles in the order a block runs them; linears of one stage read the same input.
+STAGES = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))
+
+
+def stage_paths(adapter: FamilyAdapter) -> list[list[str]]:
+    """The block's linear paths grouped by stage, in execution order."""
+    stages = [[adapter.linears[role] for role in roles if role in adapter.linears] for roles in STAGES]
+    return [paths for paths in stages if paths]
+
+
+def _needs_stats(choice: Choice) -> bool:
+    """Whether compressing one linear with ``choice`` reads its input statistics."""
+    return ((choice.quantized and choice.method is QuantMethod.GPTQ)
+            or (choice.pattern is not SparsityPattern.NONE and choice.score is PruneScore.WANDA))
+
+
 def _gptq_paths(linear_choices: dict[str, Choice]) -> set[str]:
     return {path for path, c in linear_choices.items() if c.quantized and c.method is QuantMethod.GPTQ}
 
@@ -122,9 +138,21 @@ def compress_block_(block: nn.Module, model: nn.Module, choice: Choice, inputs: 
             if down_stats is not None:
                 stats[down_path] = down_stats.select(keep)
 
-    for path, linear_choice in linear_choices.items():
-        new = compress_linear(block.get_submodule(path), linear_choice, stats.get(path))
-        set_submodule(block, path, new)
+    # Linears are compressed in the order the block runs them; a stage after a changed one
+    # re-collects its statistics, so GPTQ (and Wanda) see the inputs the compressed block
+    # really produces ("true sequential" in GPTQ's reference code).
+    changed = False
+    for paths in stage_paths(adapter):
+        needy = [path for path in paths if _needs_stats(linear_choices[path])]
+        if changed and needy:
+            modules = {path: block.get_submodule(path) for path in paths}
+            fresh = collect_stats(block, inputs, modules, gptq_paths & set(paths), batch_size=batch_size,
+                                  stop_early=True)
+            stats.update({path: fresh[path] for path in needy})
+        for path in paths:
+            linear_choice = linear_choices[path]
+            set_submodule(block, path, compress_linear(block.get_submodule(path), linear_choice, stats.get(path)))
+            changed = changed or linear_choice.quantized or linear_choice.pattern is not SparsityPattern.NONE
     round_to_storage(block)
     return block
 
@@ -186,9 +214,9 @@ def apply(model: nn.Module, schedule: Schedule, calibration_tokens=None, *, prog
     paths = list(adapter.linears.values())
     plans = [schedule.block_plan(adapter.blocks_path, i, paths) for i in range(len(blocks))]
     head_choice = schedule.units.get(adapter.lm_head)
-    head_gptq = head_choice is not None and head_choice.quantized and head_choice.method is QuantMethod.GPTQ
+    head_calibrated = head_choice is not None and _needs_stats(head_choice)
     needed = [i for i, (choice, linears) in enumerate(plans) if needs_calibration(choice, linears)]
-    last_needed = len(blocks) if head_gptq else (max(needed) if needed else -1)
+    last_needed = len(blocks) if head_calibrated else (max(needed) if needed else -1)
     tokens = _as_token_batch(calibration_tokens, seq_len)
     if last_needed >= 0 and tokens is None:
         raise ValueError("this schedule needs calibration tokens (Wanda scores or GPTQ Hessians)")
@@ -205,8 +233,8 @@ def apply(model: nn.Module, schedule: Schedule, calibration_tokens=None, *, prog
             elif index < last_needed:
                 inputs = inputs.with_hidden(run_block(block, inputs, batch_size=batch_size))
             advance()
-    if head_choice is not None:
-        _compress_head(model, adapter, head_choice, inputs if head_gptq else None, batch_size)
+    if head_choice is not None and head_choice.changes_weights:
+        _compress_head(model, adapter, head_choice, inputs if head_calibrated else None, batch_size)
     if dropped:
         drop_blocks(model, dropped)
     round_to_storage(model)

@@ -137,10 +137,13 @@ class LinearStats:
 
 @torch.no_grad()
 def collect_stats(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module],
-                  hessians: set[str] | frozenset[str] = frozenset(), *, batch_size: int = 8) -> dict[str, LinearStats]:
+                  hessians: set[str] | frozenset[str] = frozenset(), *, batch_size: int = 8,
+                  stop_early: bool = False) -> dict[str, LinearStats]:
     """Run ``block`` on ``inputs`` with hooks on ``linears`` (path -> module) and gather stats.
 
     Linears that see the very same input tensor (q/k/v, gate/up) share one accumulation.
+    ``stop_early`` ends each batch's forward once every linear has run (the rest of the
+    block's output is not needed).
     """
     sums: dict[str, torch.Tensor] = {}
     grams: dict[str, torch.Tensor] = {}
@@ -170,11 +173,26 @@ def collect_stats(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.M
                 grams[path] = grams.get(path, 0) + flat.t() @ flat
         return hook
 
+    done: set[str] = set()
+
+    def make_stop(path: str):
+        def hook(module, args, output):
+            done.add(path)
+            if len(done) == len(linears):
+                raise _StopForward
+        return hook
+
     handles = [module.register_forward_pre_hook(make_hook(path)) for path, module in linears.items()]
+    if stop_early:
+        handles += [module.register_forward_hook(make_stop(path)) for path, module in linears.items()]
     try:
         for start in range(0, inputs.hidden.shape[0], batch_size):
             seen.clear()
-            block(inputs.hidden[start:start + batch_size], **inputs.kwargs)
+            done.clear()
+            try:
+                block(inputs.hidden[start:start + batch_size], **inputs.kwargs)
+            except _StopForward:
+                pass
     finally:
         for handle in handles:
             handle.remove()

@@ -132,7 +132,7 @@ class MemoryModel:
     def base_bytes(self, head_choice: Choice | None = None) -> int:
         """Bytes outside the blocks: embeddings, final norm, output head (quantized if chosen)."""
         total = self.base_elements * STORAGE_BYTES
-        if head_choice is None or not head_choice.quantized:
+        if head_choice is None or not head_choice.changes_weights:
             return total
         head_16bit = self.head.out * self.head.inp * STORAGE_BYTES
         # A tied head shares the embedding's storage; quantizing it adds a separate copy.
@@ -153,7 +153,7 @@ class MemoryModel:
         paths = list(self.paths.values())
         total = self.base_elements
         head = schedule.units.get(self.head_name)
-        if head is not None and head.quantized and self.head_tied:
+        if head is not None and head.changes_weights and self.head_tied:
             total += self.head.out * self.head.inp
         for index in range(len(self.blocks)):
             total += self.block_parameters(index, schedule.block_plan(self.blocks_path, index, paths)[0])
