@@ -28,7 +28,7 @@ def schedules(model) -> dict[str, Schedule]:
     path, fingerprint = adapter.blocks_path, model_fingerprint(model)
     down = adapter.linears["down"]
     return {
-        "dense": Schedule(fingerprint, {}),
+        "dense": Schedule(fingerprint, {"lm_head": Choice()}),
         # K = 96 (down) with groups of 64: a narrow last group of 32; per-channel elsewhere
         "narrow-groups": Schedule(fingerprint, {
             **{f"{path}.{i}": Choice(bits=3, group_size=64) for i in range(3)},
@@ -42,11 +42,17 @@ def schedules(model) -> dict[str, Schedule]:
             f"{path}.2.{down}": Choice(bits=4, group_size=64),
             "lm_head": Choice(bits=8, group_size=128)}),
         "quantized-head": Schedule(fingerprint, {"lm_head": Choice(bits=4, group_size=None)}),
+        "pruned-gptq-head": Schedule(fingerprint, {
+            f"{path}.0": Choice(bits=4, group_size=32, method=QuantMethod.GPTQ),
+            "lm_head": Choice(bits=3, group_size=32, method=QuantMethod.GPTQ, sparsity=0.25,
+                              pattern=SparsityPattern.UNSTRUCTURED)}),
+        "pruned-head": Schedule(fingerprint, {"lm_head": Choice(sparsity=0.5, pattern=SparsityPattern.TWO_FOUR)}),
     }
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt", "phi3", "gemma"])
-@pytest.mark.parametrize("name", ["dense", "narrow-groups", "mixed-structure", "quantized-head"])
+@pytest.mark.parametrize("name", ["dense", "narrow-groups", "mixed-structure", "quantized-head",
+                                  "pruned-gptq-head", "pruned-head"])
 def test_predicted_bytes_equal_the_saved_tensor_bytes(family, name, tmp_path):
     model = tiny_model(family)
     schedule = schedules(model)[name]
@@ -55,7 +61,7 @@ def test_predicted_bytes_equal_the_saved_tensor_bytes(family, name, tmp_path):
     parameters = memory.schedule_parameters(schedule)
     if name == "dense":
         assert predicted == dense_bytes(model)
-    apply(model, schedule, None, progress=False)
+    apply(model, schedule, random_tokens(4 * 32).view(4, 32), progress=False)
     assert stored_bytes(model) == predicted
     if not any(choice.quantized for choice in schedule.units.values()):
         assert parameter_count(model) == parameters
