@@ -1,7 +1,7 @@
 """The ``apply`` verb as one function: a run directory's schedule -> a saved compressed model.
 
-Reads ``RUN/schedule.json`` (the search's output), loads the model it names (``meta.model``,
-or the one given), compresses it in one shot with :func:`~autocompress.compress.apply.apply`
+Reads ``RUN/schedule.json`` (the search's output), loads its model (the one given, else the
+schedule's ``meta.model``, else the model ``RUN/profile.json`` was made from), compresses it in one shot with :func:`~autocompress.compress.apply.apply`
 or in gated steps with :func:`~autocompress.compress.staged.staged_apply`, measures the
 validation perplexity before and after, and saves the model with
 :func:`~autocompress.compress.saving.save_compressed`.
@@ -65,10 +65,12 @@ class ApplyResult:
     staged: StagedResult | None = None
 
 
-def _model_spec(config: ApplyConfig, schedule: Schedule, path: Path) -> str:
-    spec = config.model or schedule.meta.get("model")
+def _model_spec(config: ApplyConfig, schedule: Schedule, path: Path, profile) -> str:
+    """The model to compress: given, else the schedule's ``meta.model``, else the run's profile's."""
+    spec = config.model or schedule.meta.get("model") or (profile.model if profile is not None else None)
     if not isinstance(spec, str) or not spec:
-        raise UserError(f"{path} does not name its model (meta.model); pass the model with --model")
+        raise UserError(f"{path} does not name its model (meta.model) and the run has no profile.json; "
+                        f"pass the model with --model")
     return spec
 
 
@@ -92,8 +94,11 @@ def apply_run(config: ApplyConfig) -> ApplyResult:
     if out.exists() and not config.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or choose another --out")
     schedule = Schedule.load(schedule_path)
-    spec = _model_spec(config, schedule, schedule_path)
-    data = config.data or schedule.meta.get("data") or "stdlib-docs"
+    profile = Profile.load(run_dir / "profile.json") if (run_dir / "profile.json").exists() else None
+    spec = _model_spec(config, schedule, schedule_path, profile)
+    # profile.json describes its data as "SPEC (split)"
+    profile_data = profile.data.split(" (")[0] if profile is not None and profile.data != "tokens" else None
+    data = config.data or schedule.meta.get("data") or profile_data or "stdlib-docs"
 
     loaded = load_model(spec, trust_remote_code=config.trust_remote_code)
     model = loaded.model
@@ -108,9 +113,7 @@ def apply_run(config: ApplyConfig) -> ApplyResult:
 
     staged = None
     if config.staged is not None:
-        profile = None
-        if (run_dir / "profile.json").exists():
-            profile = Profile.load(run_dir / "profile.json")
+        if profile is not None:
             profile.check_matches(fingerprint, path=run_dir / "profile.json")
         staged_config = replace(config.staged, eval_window=window)
         staged = staged_apply(model, schedule, calib.tokens, valid.tokens, staged_config, run_dir,
