@@ -85,7 +85,8 @@ def quant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     if x2d.shape[0] == 0:
         return x.new_zeros(*lead, packed.shape[0])
     kernel = triton_kernels.splitk if x2d.shape[0] <= DECODE_MAX_M else triton_kernels.gemm
-    out = kernel(x2d, packed, scales, zeros, bits, group_size, in_features)
+    # x may have any strides; packed rows are read as byte streams and zeros use the scales' strides.
+    out = kernel(x2d, packed.contiguous(), scales.contiguous(), zeros.contiguous(), bits, group_size, in_features)
     return out.reshape(*lead, packed.shape[0])
 
 

@@ -101,6 +101,15 @@ def run_extras() -> dict[str, float]:
     x = torch.randn(2, 3, 96, generator=torch.Generator().manual_seed(8))
     got = quant_matmul(x, packed, scales, zeros, 3, 32, 96)
     out["leading_dims"] = relative_error(got, quant_matmul_reference(x, packed, scales, zeros, 3, 32, 96))
+    # Strided inputs: x a transposed view, packed a column slice, scales column-major.
+    wide = torch.zeros(40, 200, dtype=torch.uint8)
+    wide[:, :packed.shape[1]] = packed
+    x_t = torch.randn(96, 20, generator=torch.Generator().manual_seed(10)).t()
+    col_scales = scales.t().contiguous().t()
+    for rows in (5, 20):
+        got = quant_matmul(x_t[:rows], wide[:, :packed.shape[1]], col_scales, zeros, 3, 32, 96)
+        want = quant_matmul_reference(x_t[:rows].contiguous(), packed, scales, zeros, 3, 32, 96)
+        out[f"strided_m{rows}"] = relative_error(got, want)
     torch.manual_seed(9)
     linear = torch.nn.Linear(150, 70, bias=True)
     module = quantize_linear(linear, bits=4, group_size=64)

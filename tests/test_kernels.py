@@ -50,6 +50,8 @@ def test_interpreter_end_to_end(interpreter_results):
     assert _result(interpreter_results, "leading_dims") <= kernel_cases.TOLERANCE
     assert _result(interpreter_results, "quantlinear_m3") <= kernel_cases.TOLERANCE
     assert _result(interpreter_results, "quantlinear_m33") <= kernel_cases.TOLERANCE
+    assert _result(interpreter_results, "strided_m5") <= kernel_cases.TOLERANCE
+    assert _result(interpreter_results, "strided_m20") <= kernel_cases.TOLERANCE
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the interpreter cases run on CPU)")
