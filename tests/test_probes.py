@@ -10,7 +10,7 @@ import torch
 from autocompress.errors import UserError
 from autocompress.profile.lexicon import is_function_word
 from autocompress.profile.probes import (EXCLUDED, TASKS, WORD_CLASSES, RoleProfile, control_labels, dominant_roles,
-                                         held_out_mask, nesting_depths, probe_roles, smooth, task_labels,
+                                         fold_ids, nesting_depths, probe_accuracies, probe_roles, smooth, task_labels,
                                          token_texts, word_class)
 
 
@@ -85,11 +85,37 @@ def test_control_task_keeps_the_label_distribution():
     assert all(len(set(control[ids == t].tolist())) == 1 for t in range(0, 500, 50))
 
 
-def test_held_out_blocks_are_contiguous():
-    mask = held_out_mask(1000, seed=3, block=100, fraction=0.3)
-    assert mask.sum() == 300
-    assert all(len(set(mask[i:i + 100].tolist())) == 1 for i in range(0, 1000, 100))
-    assert (held_out_mask(1000, seed=3, block=100) == held_out_mask(1000, seed=3, block=100)).all()
+def test_folds_are_whole_blocks_and_balanced():
+    folds = fold_ids(1000, seed=3, folds=4, block=100)
+    assert np.bincount(folds).tolist() == [300, 300, 200, 200]
+    assert all(len(set(folds[i:i + 100].tolist())) == 1 for i in range(0, 1000, 100))
+    assert (fold_ids(1000, seed=3, block=100) == folds).all()
+    assert (fold_ids(1000, seed=4, block=100) != folds).any()
+
+
+def test_closed_form_probe_matches_scikit_learn():
+    from sklearn.linear_model import Ridge
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)  # tiny products: threaded BLAS only adds contention
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 12)).astype(np.float32)
+    labels = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=0.7, size=600) > 0).astype(np.int64) + \
+        (x[:, 2] > 1).astype(np.int64)
+    labels[::7] = EXCLUDED
+    folds = fold_ids(600, seed=0, folds=3, block=50)
+    ours = probe_accuracies(x, [labels], folds, alpha=0.05)[0]
+
+    keep = labels != EXCLUDED
+    z, y, f = x[keep], labels[keep], folds[keep]
+    correct = 0
+    for k in range(3):
+        train, test = f != k, f == k
+        classes = np.unique(y[train])
+        ridge = Ridge(alpha=0.05 * train.sum(), solver="cholesky").fit(z[train], 2.0 * (y[train][:, None] == classes) - 1)
+        correct += (classes[ridge.predict(z[test]).argmax(1)] == y[test]).sum()
+    assert ours == pytest.approx(correct / keep.sum(), abs=1e-9)
+    assert 0.6 < ours < 1.0
 
 
 WORDS = ("the", "a", "of", "and", "to", "is", "it", "with", "loop", "event", "object", "returns", "parser",
@@ -191,12 +217,12 @@ def test_smoothing_over_depth():
 
 
 def test_bad_input_is_one_clear_error(tokenizer):
-    tokens = torch.arange(300)
+    tokens = torch.arange(600)
     with pytest.raises(UserError, match="layer 1 has shape"):
-        probe_roles([torch.zeros(300, 8), torch.zeros(299, 8)], tokens, tokenizer)
+        probe_roles([torch.zeros(600, 8), torch.zeros(599, 8)], tokens, tokenizer)
     with pytest.raises(UserError, match="at least one layer"):
         probe_roles([], tokens, tokenizer)
-    with pytest.raises(UserError, match="at least 256 tokens"):
-        probe_roles([torch.zeros(100, 8)], tokens[:100], tokenizer)
+    with pytest.raises(UserError, match="at least 512 tokens"):
+        probe_roles([torch.zeros(500, 8)], tokens[:500], tokenizer)
     with pytest.raises(UserError, match="not a valid role profile"):
         RoleProfile.from_json({"tasks": ["lexical"]})
