@@ -7,12 +7,19 @@ uses a throw-away profile directory.
 Example::
 
     screenshot("runs/x/report.html", "reports/demo.png", height=2400)
+    check = check_page("runs/x/report.html")
+    check.errors, check.resources, check.unrendered
 """
 from __future__ import annotations
 
+import html
+import json
+import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 
 from ..errors import UserError
@@ -56,3 +63,101 @@ def screenshot(page: str | Path, png: str | Path, *, width: int = 1280, height: 
         raise UserError(f"Chromium could not take the screenshot (exit {done.returncode}): "
                         f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no message'}")
     return png
+
+
+# Collects uncaught errors, rejected promises, console.error calls and any alert(), then, after
+# load, writes them and every resource the page fetched into <pre id="__probe">.
+PROBE = """<script>
+window.__seen = [];
+window.addEventListener("error", function (e) { window.__seen.push("error: " + e.message); });
+window.addEventListener("unhandledrejection", function (e) { window.__seen.push("rejection: " + e.reason); });
+(function () {
+  var original = console.error;
+  console.error = function () { window.__seen.push("console.error: " + Array.prototype.join.call(arguments, " "));
+                                original.apply(console, arguments); };
+})();
+window.alert = function (m) { window.__seen.push("alert: " + m); };
+window.addEventListener("load", function () {
+  setTimeout(function () {
+    var pre = document.createElement("pre");
+    pre.id = "__probe";
+    pre.textContent = JSON.stringify({errors: window.__seen,
+                                      resources: performance.getEntriesByType("resource").map(function (r) { return r.name; })});
+    document.body.appendChild(pre);
+  }, 1000);
+});
+</script>"""
+
+VOID = ("area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr")
+
+
+class PlotScanner(HTMLParser):
+    """Per plot div (class ``plot``), whether an element of class ``main-svg`` lies inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.rendered: dict[str, bool] = {}
+        self.sections: list[str] = []
+        self._stack: list[str | None] = []  # plot id for plot divs, None for other open elements
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        classes = (attrs.get("class") or "").split()
+        if tag == "section" and attrs.get("id"):
+            self.sections.append(attrs["id"])
+        if "main-svg" in classes:
+            for plot in self._stack:
+                if plot is not None:
+                    self.rendered[plot] = True
+        if tag in VOID:
+            return
+        plot = attrs.get("id") if tag == "div" and "plot" in classes else None
+        if plot is not None:
+            self.rendered.setdefault(plot, False)
+        self._stack.append(plot)
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID:
+            self._stack.pop()
+
+    def handle_endtag(self, tag):
+        if self._stack and tag not in VOID:
+            self._stack.pop()
+
+
+@dataclass
+class PageCheck:
+    """What a page did in the browser: JavaScript errors (uncaught, rejected, console.error,
+    alert), resources it fetched, Chromium's console errors, its sections and, per plot div,
+    whether plotly drew its SVG into it."""
+
+    errors: list[str]
+    resources: list[str]
+    console: list[str]
+    sections: list[str]
+    plots: dict[str, bool]
+    dom: str = field(repr=False)
+
+    @property
+    def unrendered(self) -> list[str]:
+        """Plot divs left without an SVG."""
+        return [plot for plot, drawn in self.plots.items() if not drawn]
+
+
+def check_page(page: str | Path) -> PageCheck:
+    """Open a copy of ``page`` with an error collector injected first in its head; report what happened."""
+    text = Path(page).read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="autocompress-check-") as tmp:
+        probed = Path(tmp) / "probed.html"
+        probed.write_text(text.replace("<head>", "<head>\n" + PROBE, 1), encoding="utf-8")
+        done = dump_dom(probed)
+    if done.returncode != 0:
+        raise UserError(f"Chromium failed on {page} (exit {done.returncode})")
+    found = re.search(r'<pre id="__probe">(.*?)</pre>', done.stdout, re.S)
+    seen = json.loads(html.unescape(found.group(1))) if found else {
+        "errors": ["the page never finished loading (the probe wrote nothing)"], "resources": []}
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)]
+    scanner = PlotScanner()
+    scanner.feed(done.stdout)
+    return PageCheck(seen["errors"], seen["resources"], console, scanner.sections, scanner.rendered, done.stdout)
