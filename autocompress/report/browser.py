@@ -65,26 +65,30 @@ def screenshot(page: str | Path, png: str | Path, *, width: int = 1280, height: 
     return png
 
 
-# Collects uncaught errors, rejected promises, console.error calls and any alert(), then, after
-# load, writes them and every resource the page fetched into <pre id="__probe">.
+# Collects uncaught errors, rejected promises, console.error calls and any alert(); from load
+# on (and again at every later error, since figures draw asynchronously) it writes them and
+# every resource the page fetched into <pre id="__probe">.
 PROBE = """<script>
 window.__seen = [];
-window.addEventListener("error", function (e) { window.__seen.push("error: " + e.message); });
-window.addEventListener("unhandledrejection", function (e) { window.__seen.push("rejection: " + e.reason); });
+window.__loaded = false;
+function __report() {
+  if (!window.__loaded) return;
+  var pre = document.getElementById("__probe");
+  if (!pre) { pre = document.createElement("pre"); pre.id = "__probe"; document.body.appendChild(pre); }
+  pre.textContent = JSON.stringify({errors: window.__seen,
+                                    resources: performance.getEntriesByType("resource").map(function (r) { return r.name; })});
+}
+function __record(message) { window.__seen.push(message); __report(); }
+window.addEventListener("error", function (e) { __record("error: " + e.message); });
+window.addEventListener("unhandledrejection", function (e) { __record("rejection: " + e.reason); });
 (function () {
   var original = console.error;
-  console.error = function () { window.__seen.push("console.error: " + Array.prototype.join.call(arguments, " "));
+  console.error = function () { __record("console.error: " + Array.prototype.join.call(arguments, " "));
                                 original.apply(console, arguments); };
 })();
-window.alert = function (m) { window.__seen.push("alert: " + m); };
+window.alert = function (m) { __record("alert: " + m); };
 window.addEventListener("load", function () {
-  setTimeout(function () {
-    var pre = document.createElement("pre");
-    pre.id = "__probe";
-    pre.textContent = JSON.stringify({errors: window.__seen,
-                                      resources: performance.getEntriesByType("resource").map(function (r) { return r.name; })});
-    document.body.appendChild(pre);
-  }, 1000);
+  setTimeout(function () { window.__loaded = true; __report(); }, 1000);
 });
 </script>"""
 
