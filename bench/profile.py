@@ -63,8 +63,8 @@ def main() -> int:
         profile.save(args.out)
     timings = profile.meta["timings"]
     console.print(f"profile A took {wall:.0f} s wall ({len(profile.units)} units x {len(profile.labels())} choices = "
-                  f"{len(profile.units) * len(profile.labels())} measurements); phases: "
-                  + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+                  f"{len(profile.units) * len(profile.labels())} measurements), {profile.meta['cpu_seconds']:.0f} CPU s "
+                  f"on {args.threads} thread(s); phases (wall): " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     console.print(f"base loss {profile.base_loss:.4f} (perplexity {torch.tensor(profile.base_loss).exp():.2f})")
     console.print(sensitivity_table(profile, 5))
     console.print(sensitivity_table(profile, 5, "bits=2"))
