@@ -208,8 +208,11 @@ def test_sigkill_then_resume_loses_no_completed_trial(run_dir, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         time.sleep(1)
-        if (tmp_path / "kill.db").exists() and _count_finished(url) >= 8:
-            break
+        try:
+            if (tmp_path / "kill.db").exists() and _count_finished(url) >= 8:
+                break
+        except UserError:  # the worker is still creating the tables
+            continue
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = _count_finished(url)

@@ -43,7 +43,7 @@ class SwapEvaluator:
     """Quality of slot picks on held-aside windows, by swapping cached compressed blocks."""
 
     def __init__(self, model: nn.Module, slots: list[Slot], holdout: torch.Tensor, calibration: torch.Tensor | None,
-                 *, batch_size: int = 2, max_cached: int = 192):
+                 *, batch_size: int = 2, max_cached: int = 128):
         self.model = model
         self.slots = slots
         self.adapter = adapter_for(model)

@@ -26,7 +26,7 @@ class TrialRecord:
     """One trial of the study.
 
     ``source`` says where its choices came from: ``uniform:bits=3``, ``knapsack``, ``greedy``,
-    ``warm-start``, ``tpe`` or ``nsga2``. ``choices`` maps each slot to its option label.
+    ``warm-start``, ``local`` (a neighbour of the best measured trial), ``tpe`` or ``nsga2``. ``choices`` maps each slot to its option label.
     ``predicted_kl`` is the additive sum of profile KLs, ``corrected_kl`` the learned
     correction of it (None before enough trials were measured), ``measured_kl`` the KL to the
     original on the held-aside calibration slice (None when not measured; for a pruned trial,

@@ -433,6 +433,7 @@ def run_worker(ctx: Context, study, *, progress=None) -> int:
 
     settings = ctx.settings
     correction = Correction(ctx.slots)
+    rng = np.random.default_rng(settings.seed + os.getpid())
     ran = 0
     labels = {slot.name: [o.label for o in slot.options] for slot in ctx.slots}
     while True:
@@ -444,6 +445,10 @@ def run_worker(ctx: Context, study, *, progress=None) -> int:
         if len(active) >= settings.trials:
             time.sleep(0.2)  # the last trials are running elsewhere; wait for them to finish or die
             continue
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        # Two trials in three are local moves around the best measured trial, the third is TPE's.
+        if not waiting and not settings.pareto and len(trials) % 3 != 0:
+            local_move(ctx, study, correction, rng)
         trial = study.ask()
         trial.set_user_attr("worker", _worker_id())
         ahead = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
@@ -461,11 +466,52 @@ def run_worker(ctx: Context, study, *, progress=None) -> int:
             progress()
 
 
+def local_move(ctx: Context, study, correction: Correction, rng, candidates: int = 400) -> bool:
+    """Enqueue the most promising untried feasible neighbour of the best measured trial (source ``local``).
+
+    Neighbours change one to three slots; the learned correction (the additive model until it
+    is fitted) ranks them. This is where measured interactions, which the additive model and
+    hence the knapsack cannot see, get exploited. Returns whether a trial was enqueued.
+    """
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    measured = [t for t in done if t.user_attrs.get("record", {}).get("measure_complete")
+                and t.user_attrs["record"]["feasible"]]
+    if not measured:
+        return False
+    best = min(measured, key=lambda t: t.user_attrs["record"]["measured_kl"])
+    tried = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)}
+    correction.fit(_measured_samples(study))
+    start = ctx.index_picks(best.params)
+    limits = ctx.budget.raw_limits()
+    ranked = []
+    for _ in range(candidates):
+        picks = list(start)
+        for slot in rng.choice(len(picks), size=int(rng.integers(1, min(3, len(picks)) + 1)), replace=False):
+            picks[slot] = int(rng.integers(len(ctx.slots[slot].options)))
+        raw = ctx.base + sum(table[i] for table, i in zip(ctx.tables, picks))
+        if np.any(raw > limits + 1e-9 * np.abs(limits)):
+            continue
+        labels = ctx.label_picks(picks)
+        if tuple(sorted(labels.items())) in tried:
+            continue
+        predicted = ctx.predictor.predict(labels)
+        corrected = correction.predict(labels, predicted)
+        ranked.append((corrected if corrected is not None else predicted, labels))
+    if not ranked:
+        return False
+    study.enqueue_trial(min(ranked, key=lambda r: r[0])[1], user_attrs={"source": "local"})
+    return True
+
+
 def _measured_samples(study) -> list[tuple[dict, float, float]]:
-    out = []
+    out, seen = [], set()
     for t in study.get_trials(deepcopy=False):
         record = t.user_attrs.get("record", {})
-        if record.get("measure_complete"):
+        key = tuple(sorted(t.params.items()))
+        if record.get("measure_complete") and key not in seen:  # a re-used measurement is no new evidence
+            seen.add(key)
             out.append((t.params, record["predicted_kl"], record["measured_kl"]))
     return out
 
