@@ -162,24 +162,25 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
 
-    tick = time.perf_counter()
+    tick, cpu_tick = time.perf_counter(), time.process_time()
     norms = LinearInputNorms()
     linear_paths = list(adapter.linears.values())
     hook = (lambda i, b: norms.hook_block(b, linear_paths, f"{adapter.blocks_path}.{i}")) \
         if space.granularity is Granularity.LINEAR and settings.proxies else None
     trace = trace_model(model, rows, batch_size=settings.batch_size, hook=hook)
-    timings["trace"] = time.perf_counter() - tick
+    timings["trace"], cpu["trace"] = time.perf_counter() - tick, time.process_time() - cpu_tick
 
     squared = {}
     if settings.proxies:
-        tick = time.perf_counter()
+        tick, cpu_tick = time.perf_counter(), time.process_time()
         squared = squared_gradients(model, rows, rows=settings.fisher_rows)
-        timings["gradients"] = time.perf_counter() - tick
+        timings["gradients"], cpu["gradients"] = time.perf_counter() - tick, time.process_time() - cpu_tick
 
     units: list[UnitProfile] = []
     keep_for_additivity: dict[str, dict[int, object]] = {label: {} for label, c in probes if label.startswith("bits=")}
-    tick = time.perf_counter()
+    tick, cpu_tick = time.perf_counter(), time.process_time()
     with progress_bar(f"measuring {len(refs)} units x {len(probes)} choices", len(refs) * len(probes),
                       settings.progress) as advance:
         for ref in refs:
@@ -209,15 +210,15 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
                         keep_for_additivity[label][ref.block] = changed
                 advance()
             units.append(unit)
-    timings["measure"] = time.perf_counter() - tick
+    timings["measure"], cpu["measure"] = time.perf_counter() - tick, time.process_time() - cpu_tick
     del squared
 
     additivity = []
     if settings.additivity:
-        tick = time.perf_counter()
+        tick, cpu_tick = time.perf_counter(), time.process_time()
         for label, replacements in keep_for_additivity.items():
             additivity.append(additivity_check(trace, units, int(label.split("=")[1]), replacements))
-        timings["additivity"] = time.perf_counter() - tick
+        timings["additivity"], cpu["additivity"] = time.perf_counter() - tick, time.process_time() - cpu_tick
     del keep_for_additivity
 
     role_curves: dict[str, list[float]] = {}
@@ -226,7 +227,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     if settings.roles:
         from .probes import probe_roles  # noqa: PLC0415 (scikit-learn is imported only when probing)
 
-        tick = time.perf_counter()
+        tick, cpu_tick = time.perf_counter(), time.process_time()
         states, ids = _role_states(loaded, trace, tokens, settings)
         roles = probe_roles(states, ids, loaded.tokenizer, seed=settings.seed)
         data = roles.to_json()
@@ -236,8 +237,8 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
             unit.roles = {task: v for task, values in role_curves.items()
                           if (v := values[unit.block + 1]) is not None}
             unit.dominant_role = roles.dominant[unit.block + 1]
-        timings["roles"] = time.perf_counter() - tick
-    meta["timings"] = timings
+        timings["roles"], cpu["roles"] = time.perf_counter() - tick, time.process_time() - cpu_tick
+    meta["timings"], meta["cpu_timings"] = timings, cpu
     # CPU seconds of this process: on a shared machine, closer than wall time to what it costs alone.
     meta["cpu_seconds"] = time.process_time() - cpu_started
 
