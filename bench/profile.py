@@ -25,7 +25,6 @@ sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import os  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
