@@ -9,6 +9,7 @@ role, then the accuracies against chance and the checks of issue 3 on roles.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from autocompress.artifacts import atomic_write_bytes
 from autocompress.data import load_tokens
 from autocompress.models import load_model
 from autocompress.profile.probes import probe_roles, role_table
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save", help="also write the role profile as JSON to this path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
@@ -58,18 +61,22 @@ def main() -> None:
     console.print(role_table(roles, title=f"{args.model}: selectivity per layer ({roles.tokens} stdlib-docs tokens)"))
 
     summary = Table(title="accuracy vs chance, best layer")
-    for column in ("task", "chance", "best layer", "accuracy", "control", "selectivity", "min sel.", "mean sel."):
+    for column in ("task", "chance", "best layer", "accuracy", "control", "selectivity", "min sel.", "mean sel.",
+                   "acc. layer 0", "acc. last"):
         summary.add_column(column, justify="right")
     for task in roles.tasks:
         sel = np.asarray(roles.selectivity[task])
         best = int(np.nanargmax(sel))
         summary.add_row(task, f"{roles.chance[task]:.3f}", str(best), f"{roles.accuracy[task][best]:.3f}",
                         f"{roles.control_accuracy[task][best]:.3f}", f"{sel[best]:+.3f}", f"{np.nanmin(sel):+.3f}",
-                        f"{np.nanmean(sel):+.3f}")
+                        f"{np.nanmean(sel):+.3f}", f"{roles.accuracy[task][0]:.3f}", f"{roles.accuracy[task][-1]:.3f}")
     console.print(summary)
 
     # Issue 3, roles: selectivity > 0 for lexical and word class in early-to-middle blocks; not flat.
+    third = roles.layers // 3
+    first, last = slice(0, third), slice(roles.layers - third, roles.layers)
     early_middle = slice(1, 1 + (roles.layers - 1) * 2 // 3)
+    mean = lambda values: float(np.nanmean(values))  # noqa: E731
     checks = {
         "lexical selectivity > 0 in every early-to-middle block":
             min(roles.selectivity["lexical"][early_middle]) > 0,
@@ -77,13 +84,17 @@ def main() -> None:
             min(roles.selectivity["word_class"][early_middle]) > 0,
         "probe accuracy above chance for every task at its best layer":
             all(max(roles.accuracy[t]) > roles.chance[t] for t in roles.tasks),
-        "lexical peaks before prediction":
-            int(np.nanargmax(roles.selectivity["lexical"])) < int(np.nanargmax(roles.selectivity["prediction"])),
+        "token identity fades with depth (lexical accuracy, first third > last third)":
+            mean(roles.accuracy["lexical"][first]) > mean(roles.accuracy["lexical"][last]),
+        "prediction grows with depth (selectivity, last third > first third)":
+            mean(roles.selectivity["prediction"][last]) > mean(roles.selectivity["prediction"][first]),
         "role profile not flat (more than one dominant role)": len(set(roles.dominant)) > 1,
     }
     for name, ok in checks.items():
         console.print(f"{'PASS' if ok else 'FAIL'}  {name}")
     console.print(f"dominant roles by layer: {' '.join(roles.dominant)}")
+    if args.save:
+        atomic_write_bytes(args.save, json.dumps(roles.to_json(), indent=1).encode())
     console.print(f"hidden-state capture {capture:.1f} s, probes {roles.seconds:.1f} s "
                   f"({roles.layers} layers x {len(roles.tasks)} tasks x 2 fits, {torch.get_num_threads()} thread(s))")
 
