@@ -134,14 +134,14 @@ def test_structured_pruning_removes_exactly_the_predicted_parameters(family):
     removed_heads = layout.num_heads // 2
     removed_kv = layout.num_kv_heads // 2
     hd, hidden = layout.head_dim, shapes["o"][0]
-    removed_rows = (removed_heads + 2 * removed_kv) * hd
-    expected = removed_rows * hidden + (removed_rows if any(shapes[r][2] for r in shapes if r in "qkv" or r == "qkv") else 0)
-    expected += removed_heads * hd * hidden
+    removed_rows = (removed_heads + 2 * removed_kv) * hd  # of q, k and v (fused or not)
+    qkv_bias = any(shapes[role][2] for role in ("q", "qkv") if role in shapes)
+    expected = removed_rows * (hidden + qkv_bias) + removed_heads * hd * hidden  # o loses columns
     removed_channels = round(0.25 * channels)
-    mlp_in = [r for r in ("gate", "up", "gate_up") if r in shapes]
-    up_bias = any(shapes[r][2] for r in mlp_in)
-    expected += removed_channels * hidden * (2 if any(r in shapes for r in ("gate", "gate_up")) else 1)
-    expected += removed_channels * hidden + (removed_channels if up_bias else 0)
+    gated = "gate" in shapes or "gate_up" in shapes
+    up_bias = any(shapes[role][2] for role in ("up", "gate_up") if role in shapes)
+    expected += removed_channels * (hidden + up_bias) * (2 if gated else 1)  # up (and gate) rows
+    expected += removed_channels * hidden  # down loses columns
     expected += block_params[2]
     assert before - parameter_count(model) == expected
     assert parameter_count(model) == predicted
