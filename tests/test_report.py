@@ -69,9 +69,21 @@ def test_sensitivity_matrix_is_in_model_order_with_measured_values():
 
 def test_additivity_and_proxy_tables():
     profile = make_profile()
-    profile.proxy_spearman = {"fisher": 0.8, "weight_kurtosis": -0.9, "activation_norm": 0.1}
+    profile.proxy_spearman = {"fisher ~ bits=2": 0.8, "fisher ~ drop": 0.2, "weight_kurtosis ~ bits=2": -0.9,
+                              "activation_norm ~ drop": 0.1}
     assert data.additivity_rows(profile) == [("bits=3", "0.3", "0.5", "1.67")]
-    assert data.proxy_rows(profile) == [("weight_kurtosis", "-0.9"), ("fisher", "0.8"), ("activation_norm", "0.1")]
+    header, rows = data.proxy_table(profile)
+    assert header == ["proxy", "bits=2", "drop"]
+    assert rows == [["weight_kurtosis", "-0.9", "-"], ["fisher", "0.8", "0.2"], ["activation_norm", "-", "0.1"]]
+    profile.proxy_spearman = {"fisher": 0.5}
+    assert data.proxy_table(profile) == (["proxy", "all"], [["fisher", "0.5"]])
+
+
+def test_numbers_are_right_aligned_in_tables():
+    from autocompress.report.html import table_html
+
+    page = table_html(["a"], [["6.775e-07"], ["1,024"], ["+12.5%"], ["3.4 KiB"], ["-"], ["bits=2"], ["0.1 apples"]])
+    assert page.count('class="num"') == 5
 
 
 def test_role_curves_from_profile_and_rebuilt_from_units():

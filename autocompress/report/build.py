@@ -50,14 +50,14 @@ def _sensitivity(run: data.Run) -> Section:
         section.missing = "the profile has no units"
     else:
         section.body = figure_html(figures.sensitivity_figure(data.sensitivity_info(run.profile)), "fig-sensitivity")
-        additivity, proxies = data.additivity_rows(run.profile), data.proxy_rows(run.profile)
+        additivity, (proxy_header, proxies) = data.additivity_rows(run.profile), data.proxy_table(run.profile)
         if additivity:
             section.body += ("<h3>Additivity: every unit at once against the sum of single units</h3>"
                              + table_html(["choice", "sum of single-unit KLs", "measured KL", "measured / sum"],
                                           additivity))
         if proxies:
-            section.body += ("<h3>Cheap proxies against measured KL (Spearman rank correlation)</h3>"
-                             + table_html(["proxy", "Spearman rho"], proxies))
+            section.body += ("<h3>Cheap proxies against measured KL (Spearman rank correlation over units)</h3>"
+                             + table_html(proxy_header, proxies))
     return section
 
 
@@ -162,7 +162,9 @@ def _prediction(run: data.Run) -> Section:
                             f"one; median measured/additive {data.format_number(info.median_ratio, 3)}.")
     correction = run.search.correction or {}
     if correction:
-        section.explanation += " Correction: " + ", ".join(f"{k} {v}" for k, v in correction.items()) + "."
+        section.explanation += " Correction: " + ", ".join(
+            f"{key.replace('_', ' ')} {data.format_number(value, 3) if isinstance(value, float) else value}"
+            for key, value in correction.items()) + "."
     section.body = figure_html(figures.prediction_figure(info, data.METRIC), "fig-prediction")
     return section
 

@@ -23,7 +23,7 @@ from ..schedule import Schedule
 from ..search.result import SearchResult
 from .formats import MIB, as_number, choice_label, format_bytes, format_number, get_field, natural_key
 from .profile_info import (RoleCurveInfo, ScheduleInfo, SensitivityInfo, additivity_rows, dominant_groups,
-                           proxy_rows, role_curve_info, schedule_info, sensitivity_info)
+                           proxy_table, role_curve_info, schedule_info, sensitivity_info)
 from .search_info import (METRIC, HistoryInfo, ParetoInfo, PredictionInfo, TrialPoint, baseline_rows,
                           history_info, pareto_front, pareto_info, prediction_info, search_baselines, search_best,
                           search_trials, spearman, study_location, trial_point)
@@ -32,7 +32,7 @@ __all__ = ["METRIC", "MIB", "HistoryInfo", "ParetoInfo", "PredictionInfo", "Role
            "SensitivityInfo", "StagedInfo", "StagedStep", "TrialPoint", "additivity_rows", "as_number", "baseline_rows",
            "choice_label", "dominant_groups", "eval_rows", "format_bytes", "format_number", "get_field",
            "history_info", "load_run", "natural_key", "pareto_front", "pareto_info", "prediction_info",
-           "proxy_rows", "role_curve_info", "schedule_info", "search_baselines", "search_best", "search_trials",
+           "proxy_table", "role_curve_info", "schedule_info", "search_baselines", "search_best", "search_trials",
            "sensitivity_info", "spearman", "staged_info", "staged_rows", "study_location", "summary_rows",
            "trial_point"]
 

@@ -112,12 +112,14 @@ def figure_html(fig, div_id: str) -> str:
             f' }})();</script>')
 
 
+NUMBER = re.compile(r"[+-]?[\d,]*\.?\d+(e[+-]?\d+)?%?( (B|KiB|MiB|GiB|ms))?")
+
+
 def _cell(value: Any, align: bool = True) -> str:
     text = esc(value)
     if not align:
         return f"<td>{text}</td>"
-    numeric = re.sub(r" (B|KiB|MiB|GiB|ms)$", "", text).replace(",", "").replace(".", "", 1).rstrip("%").lstrip("+-")
-    return f'<td class="num">{text}</td>' if numeric.isdigit() or text == "-" else f"<td>{text}</td>"
+    return f'<td class="num">{text}</td>' if NUMBER.fullmatch(text) or text == "-" else f"<td>{text}</td>"
 
 
 def table_html(header: list[str] | None, rows: list[list[Any]] | list[tuple[Any, ...]], align: bool = True) -> str:

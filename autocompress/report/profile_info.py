@@ -42,11 +42,23 @@ def additivity_rows(profile: Profile) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def proxy_rows(profile: Profile) -> list[tuple[str, str]]:
-    """(proxy, Spearman rho with measured KL), best-ranking proxy first."""
-    pairs = [(name, as_number(rho)) for name, rho in profile.proxy_spearman.items()]
-    pairs.sort(key=lambda p: -abs(p[1]) if p[1] is not None else 0)
-    return [(name, format_number(rho, 3)) for name, rho in pairs]
+def proxy_table(profile: Profile) -> tuple[list[str], list[list[str]]]:
+    """Spearman rho of each cheap proxy with the measured KL, as a proxy x choice matrix.
+
+    The profile keys correlations ``"proxy ~ choice"`` (or just ``"proxy"``, shown in the
+    column ``all``); proxies are ordered by their largest absolute rho.
+    """
+    cells: dict[str, dict[str, float | None]] = {}
+    columns: list[str] = []
+    for key, rho in profile.proxy_spearman.items():
+        proxy, _, choice = (part.strip() for part in key.partition("~"))
+        choice = choice or "all"
+        cells.setdefault(proxy, {})[choice] = as_number(rho)
+        if choice not in columns:
+            columns.append(choice)
+    order = sorted(cells, key=lambda p: -max((abs(v) for v in cells[p].values() if v is not None), default=0))
+    rows = [[proxy] + [format_number(cells[proxy].get(c), 3) for c in columns] for proxy in order]
+    return ["proxy"] + columns, rows
 
 
 @dataclass
