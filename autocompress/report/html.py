@@ -47,7 +47,7 @@ table { border-collapse: collapse; margin: .4rem 0 1rem; font-size: .92rem; }
 th, td { border-bottom: 1px solid var(--line); padding: .3rem .8rem .3rem 0; text-align: left;
          vertical-align: top; overflow-wrap: break-word; }
 th { font-weight: 600; white-space: nowrap; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 h3 { font-size: 1rem; margin: 1rem 0 .2rem; }
 footer { color: var(--muted); font-size: .85rem; padding: 1rem 0 2rem; }
 @media (max-width: 640px) { body { font-size: 14px; } nav.toc ol { columns: 1; } }
