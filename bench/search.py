@@ -15,10 +15,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
-import torch
+# bench/profile.py would shadow the standard library's profile module (torch imports cProfile).
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
@@ -110,11 +114,11 @@ def main() -> None:
             table.add_row(scenario, what, str(number), f"{ppl:.2f}", f"{record.measured_kl:.4f}", f"{size / 1e6:.1f}",
                           f"{record.avg_bits:.2f}", f"{seconds:.0f}")
         figures["scenarios"][scenario] = out
+        if args.out:
+            Path(args.out).write_text(json.dumps(figures, indent=2))
         console.print(table)
         for note in result.notes:
             console.print(f"{scenario}: note: {note}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ def register(verbs) -> None:
     se.add_argument("--measure", type=int, help="most real evaluations (default: trials/4 plus baselines)")
     se.add_argument("--holdout-tokens", type=positive_int, default=2048,
                     help="held-aside calibration tokens to measure candidates on (default 2048)")
-    se.add_argument("--calibration-tokens", type=positive_int, default=2048,
-                    help="calibration tokens for Wanda/GPTQ statistics (default 2048)")
+    se.add_argument("--calibration-tokens", type=positive_int, default=None,
+                    help="calibration tokens for Wanda/GPTQ statistics, at most the profile's (default: the profile's)")
     se.add_argument("--window", type=positive_int, default=256, help="window length (default 256)")
     se.add_argument("--warm-start", metavar="SCHEDULE", help="enqueue schedules transferred from SCHEDULE first")
     se.add_argument("--device", default="h100", help="device for latency figures (default h100; a latency "

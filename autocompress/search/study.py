@@ -48,7 +48,9 @@ class SearchSettings:
 
     ``trials`` is the study's total of finished trials. ``measure`` caps real evaluations
     (default: a quarter of the trials plus the baselines). ``holdout_tokens`` of the
-    calibration split, after the profile's own tokens, are the measuring slice.
+    calibration split, after the profile's own tokens, are the measuring slice; Wanda and GPTQ
+    statistics use the first ``calibration_tokens`` (default: the profile's own tokens), so
+    what is measured never informed what is compressed.
     """
 
     run_dir: str
@@ -63,7 +65,7 @@ class SearchSettings:
     seed: int = 0
     holdout_tokens: int = 2048
     window: int = 256
-    calibration_tokens: int = 2048
+    calibration_tokens: int | None = None
     measure: int | None = None
     uniform_baselines: int = 4
     prune_factor: float = 1.5
@@ -284,7 +286,8 @@ def prepare(settings: SearchSettings, *, model=None, tokenizer=None, holdout=Non
     if holdout.dim() == 1:
         holdout = windows(holdout, settings.window)
     if calibration is None and tokenizer is not None:
-        stream = load_tokens(profile.data, tokenizer, "calibration", settings.calibration_tokens)
+        count = min(settings.calibration_tokens or profile.calibration_tokens, profile.calibration_tokens)
+        stream = load_tokens(profile.data, tokenizer, "calibration", max(count, settings.window))
         calibration = windows(stream.tokens, settings.window)
     if calibration is not None and calibration.dim() == 1:
         calibration = windows(calibration, settings.window)
