@@ -239,6 +239,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
             unit.dominant_role = roles.dominant[unit.block + 1]
         timings["roles"], cpu["roles"] = time.perf_counter() - tick, time.process_time() - cpu_tick
     meta["timings"], meta["cpu_timings"] = timings, cpu
+    meta["data_split"] = getattr(getattr(stream, "split", None), "value", None)
     # CPU seconds of this process: on a shared machine, closer than wall time to what it costs alone.
     meta["cpu_seconds"] = time.process_time() - cpu_started
 
@@ -256,9 +257,8 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
 
 
 def _describe_stream(stream) -> str:
-    spec = getattr(stream, "spec", None)
-    split = getattr(stream, "split", None)
-    return f"{spec} ({getattr(split, 'value', split)})" if spec else "tokens"
+    # The data *spec* (later stages load more tokens from it); the split goes to meta.
+    return getattr(stream, "spec", None) or "tokens"
 
 
 def _measure_one(trace: Trace, model: nn.Module, ref: UnitRef, choice: Choice):
