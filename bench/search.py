@@ -34,7 +34,7 @@ from autocompress.models import load_model
 from autocompress.profile.artifact import Profile
 from autocompress.search.decisions import build_slots, to_schedule
 from autocompress.search.space import load_space
-from autocompress.search.study import SearchSettings, search
+from autocompress.search.study import SearchSettings, profile_data_spec, search
 
 SCENARIOS = ("quant-only:avg-bits=3.5", "quant-only:avg-bits=3.0", "default:memory=50%")
 
@@ -72,8 +72,9 @@ def main() -> None:
     from autocompress.models import model_fingerprint
 
     fingerprint = model_fingerprint(model)
-    eval_tokens = load_tokens(profile.data, tokenizer, "evaluation", args.eval_tokens).tokens
-    calibration = load_tokens(profile.data, tokenizer, "calibration", 2048).tokens
+    data = profile_data_spec(profile)
+    eval_tokens = load_tokens(data, tokenizer, "evaluation", args.eval_tokens).tokens
+    calibration = load_tokens(data, tokenizer, "calibration", 2048).tokens
     tick = time.perf_counter()
     original_ppl = perplexity(model, eval_tokens, window=args.window, batch_size=1)
     eval_seconds = time.perf_counter() - tick

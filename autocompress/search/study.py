@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -241,6 +242,11 @@ class Context:
         return self.budget.cost.to_figures(raw)
 
 
+def profile_data_spec(profile) -> str:
+    """The data spec a profile was measured on (``"stdlib-docs (calibration)"`` names the split too)."""
+    return re.sub(r" \((calibration|evaluation)\)$", "", profile.data)
+
+
 def prepare(settings: SearchSettings, *, model=None, tokenizer=None, holdout=None, calibration=None) -> Context:
     """Read the profile, load model and tokens, build slots and prices; refuse infeasible budgets."""
     import torch  # noqa: PLC0415
@@ -277,17 +283,18 @@ def prepare(settings: SearchSettings, *, model=None, tokenizer=None, holdout=Non
     base, tables = budget.cost.slot_costs(slots)
     budget.check_feasible(base, tables)
     predictor = AdditivePredictor(slots, profile)
-    holdout_meta = {"data": profile.data, "split": "calibration", "start": profile.calibration_tokens,
+    data = profile_data_spec(profile)
+    holdout_meta = {"data": data, "split": "calibration", "start": profile.calibration_tokens,
                     "tokens": settings.holdout_tokens, "window": settings.window}
     if holdout is None:
-        stream = load_tokens(profile.data, tokenizer, "calibration", settings.holdout_tokens,
+        stream = load_tokens(data, tokenizer, "calibration", settings.holdout_tokens,
                              start=profile.calibration_tokens)
         holdout = stream.tokens
     if holdout.dim() == 1:
         holdout = windows(holdout, settings.window)
     if calibration is None and tokenizer is not None:
         count = min(settings.calibration_tokens or profile.calibration_tokens, profile.calibration_tokens)
-        stream = load_tokens(profile.data, tokenizer, "calibration", max(count, settings.window))
+        stream = load_tokens(data, tokenizer, "calibration", max(count, settings.window))
         calibration = windows(stream.tokens, settings.window)
     if calibration is not None and calibration.dim() == 1:
         calibration = windows(calibration, settings.window)
