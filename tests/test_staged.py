@@ -224,3 +224,18 @@ def test_cli_apply_staged_end_to_end(tmp_path, tokenizer, capsys):
     assert "validation perplexity" in capsys.readouterr().out
     loaded, _ = load_compressed(tmp_path / "one")
     assert loaded.model.layers[0].self_attn.q_proj.bits == 4
+
+
+def test_a_failed_step_is_halved_until_the_offending_unit_is_frozen(tmp_path):
+    model = tiny_model("llama", layers=4)
+    fp = model_fingerprint(model)
+    units = {f"model.layers.{i}": Choice(bits=8, group_size=32) for i in (0, 2, 3)}
+    units["model.layers.1"] = Choice(bits=2, group_size=None)
+    config = _config(step_fraction=1.0, gates=Gates(step_kl=0.002, step_ppl_increase=None))
+    result = staged_apply(model, Schedule(fp, units), CALIB, VALID, config, tmp_path,
+                          profile=_profile(model, [0, 2, 1, 3]), fingerprint=fp)
+    history = [(len(s.units), s.gate) for s in result.steps]
+    assert history == [(4, "rolled back"), (2, "passed"), (2, "rolled back"), (1, "rolled back"), (1, "passed")]
+    assert result.steps[3].units == ["model.layers.1"] and result.steps[3].frozen == ["model.layers.1"]
+    assert result.frozen == ["model.layers.1"]
+    assert sorted(result.schedule.units) == ["model.layers.0", "model.layers.2", "model.layers.3"]

@@ -13,8 +13,9 @@ NVIDIA's Minitron and DistilBERT compress in steps and distill after each. Here:
    original) against :class:`Gates`, per step and in total. A failed gate triggers
    distillation (:mod:`~autocompress.compress.distill`); if the gate still fails the step
    is rolled back exactly (the step's blocks, and any block recovery trained, are restored
-   from copies taken before), its units are frozen at their previous (uncompressed) choice,
-   and the rest goes on.
+   from copies taken before). A step of several units is then retried with its more robust
+   half, halving until the offending unit is alone; that unit is frozen at its previous
+   (uncompressed) choice, and the rest goes on.
 4. After every step the model is checkpointed to ``RUN/staged/model`` (safetensors, via
    :func:`~autocompress.compress.saving.save_compressed`) and the history to
    ``RUN/staged.json``; ``resume=True`` continues an interrupted run from the last completed
@@ -122,7 +123,9 @@ class StagedConfig:
     ``calib_seq_len`` is the row length for calibration statistics (Wanda, GPTQ), taken from
     the first ``calib_rows`` rows (None: all); distillation cuts all the calibration tokens
     into rows of ``distill.seq_len``.
-    ``lora_merge`` says how adapters end up in the saved model (see
+    ``split_failed``: a failed step of several units is retried with its more robust half
+    (halving again on failure) until the offending unit is alone and frozen; otherwise the
+    whole step is frozen. ``lora_merge`` says how adapters end up in the saved model (see
     :mod:`~autocompress.compress.lora`): ``keep`` (default) stores them as 16-bit tensors,
     and every size reported includes them; ``requantize`` keeps the schedule's size exactly.
     """
@@ -139,6 +142,7 @@ class StagedConfig:
     eval_window: int = 256
     eval_batch_size: int = 2
     proxy_rows: int = 4
+    split_failed: bool = True
     resume: bool = False
     restart: bool = False
     progress: bool = True
@@ -567,6 +571,8 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         adapter_bytes = 2 * lora_parameters(student)  # kept LoRA adapters, stored in 16 bits
         bytes_before = memory.schedule_bytes(_schedule_of(fingerprint, accepted)) + adapter_bytes
         step = pending if config.one_shot else next_step(pending, weights, bytes_before, config.step_fraction)
+        if state.get("max_units"):  # retrying the more robust half of a failed step
+            step = step[: state["max_units"]]
         number = len(steps) + 1
         console.print(f"step {number}: {len(step)} unit(s), {', '.join(u.name for u in step[:4])}"
                       f"{' ...' if len(step) > 4 else ''}")
@@ -588,19 +594,27 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
             recovered = _quality(student, teacher, valid, config)
             failures = config.gates.failures(before, recovered, original)
 
-        frozen = []
+        frozen, settled = [], [u.name for u in step]
         if failures:
             _restore(student, saved, saved_head)
-            frozen = [u.name for u in step]
-            state["frozen"] += frozen
             gate = "rolled back"
-            console.print(f"step {number}: gate failed ({'; '.join(failures)}); rolled back, froze {len(frozen)}")
+            if config.split_failed and len(step) > 1 and not config.one_shot:
+                # Find the offending units by halving: retry the more robust half first.
+                state["max_units"], settled = len(step) // 2, []
+                console.print(f"step {number}: gate failed ({'; '.join(failures)}); rolled back, "
+                              f"retrying {len(step) // 2} unit(s)")
+            else:
+                frozen = settled
+                state["frozen"] += frozen
+                state["max_units"] = None
+                console.print(f"step {number}: gate failed ({'; '.join(failures)}); rolled back, "
+                              f"froze {len(frozen)}")
         else:
-            state["accepted"] += [u.name for u in step]
+            state["accepted"] += settled
+            state["max_units"] = None
             current = recovered or after
             gate = "passed after recovery" if recovered is not None else "passed"
-        taken = {u.name for u in step}
-        state["pending"] = [n for n in state["pending"] if n not in taken]
+        state["pending"] = [n for n in state["pending"] if n not in set(settled)]
         accepted_now = [by_name[n] for n in state["accepted"]]
         applied = _schedule_of(fingerprint, accepted_now)
         record = StepRecord(
