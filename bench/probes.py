@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--save", help="also write the role profile as JSON to this path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=max(Console().width, 120))
 
     loaded = load_model(args.model)
     stream = load_tokens("stdlib-docs", loaded.tokenizer, "calibration", args.tokens)

@@ -228,3 +228,20 @@ def test_bad_input_is_one_clear_error(tokenizer):
         probe_roles([torch.zeros(500, 8)], tokens[:500], tokenizer)
     with pytest.raises(UserError, match="not a valid role profile"):
         RoleProfile.from_json({"tasks": ["lexical"]})
+
+
+@pytest.mark.real
+def test_real_model_roles_on_a_short_stream(smollm2):
+    """SmolLM2-135M on 1,024 calibration tokens: identity and word class are read above their controls."""
+    from autocompress.data import load_tokens
+
+    tokens = load_tokens("stdlib-docs", smollm2.tokenizer, "calibration", 1024).tokens
+    with torch.inference_mode():
+        states = [torch.cat(chunk) for chunk in zip(*(
+            [h[0] for h in smollm2.model(window[None], output_hidden_states=True).hidden_states]
+            for window in tokens.split(512)))]
+    picked = [states[0], states[6], states[30]]  # embeddings, block 5, last block
+    roles = probe_roles(picked, tokens, smollm2.tokenizer, seed=0)
+    assert roles.selectivity["lexical"][1] > 0.1 and roles.selectivity["word_class"][1] > 0.1
+    assert roles.accuracy["lexical"][0] > roles.accuracy["lexical"][2]  # identity fades with depth
+    assert roles.selectivity["prediction"][2] > roles.selectivity["prediction"][0]  # the future is read late

@@ -40,10 +40,11 @@ The probes are ridge classifiers (scikit-learn's ``RidgeClassifier``, solved in 
 see :func:`probe_accuracies`) on features that are RMS-normalised per token, as the next
 block's RMSNorm would see them (which also tames the huge activations of attention-sink
 positions), then standardised. Accuracies are cross-fitted over ``FOLDS`` folds: every
-position is predicted once, by a probe trained on the other folds, which quarters the
-sampling noise of a single 25% hold-out at the same cost. Folds are made of whole blocks of
-``BLOCK`` consecutive positions, never single tokens, so neighbouring positions (which share
-context) do not leak from training into held-out text.
+position is predicted once, by a probe trained on the other folds, which halves the standard
+error of a single 25% hold-out; from per-fold sufficient statistics this costs about one fit.
+Folds are made of whole blocks of ``BLOCK`` consecutive positions, never single tokens, so
+neighbouring positions (which share context) do not leak from training into held-out text.
+Control accuracy is the mean over ``CONTROLS`` independent random maps.
 
 Example::
 
