@@ -39,7 +39,8 @@ from autocompress.compress.calibrate import token_batch
 from autocompress.compress.distill import DistillConfig, distill
 from autocompress.compress.lora import lora_parameters, merge_lora
 from autocompress.compress.memory import MemoryModel, stored_bytes
-from autocompress.compress.staged import Gates, Recovery, StagedConfig, next_step, stage_units, staged_apply, unit_weight
+from autocompress.compress.staged import Gates, Recovery, StagedConfig, staged_apply
+from autocompress.compress.staging import next_step, stage_units, unit_weight
 from autocompress.data import load_tokens
 from autocompress.evaluate import perplexity
 from autocompress.models import load_model, model_fingerprint, parameter_count

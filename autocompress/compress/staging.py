@@ -1,0 +1,274 @@
+"""Building blocks of staged compression (:mod:`~autocompress.compress.staged`).
+
+* units: a block with its linear overrides, or the output head;
+* their order, most robust first: the profile's measured KL for the unit's choice, else a
+  cheap proxy (how much a block's own output changes when compressed alone);
+* step sizes: the next units until a share of the current size would be removed;
+* compressing one step in place, calibrated on the model as it is now;
+* dropped blocks: identities in place while staging, removed for real in checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from ..models import adapter_for
+from ..schedule import Choice, QuantMethod, Schedule
+from .apply import DroppedBlock, _compress_head, compress_block, compress_block_, needs_calibration
+from .calibrate import capture_block_inputs, run_block
+from .memory import MemoryModel
+from .prune import drop_blocks, set_submodule
+
+
+@dataclass(frozen=True)
+class StageUnit:
+    """A unit of staging: a block (with its linear overrides) or the output head."""
+
+    name: str
+    index: int | None  # block index; None for the output head
+    entries: dict[str, Choice]  # the schedule entries this unit applies
+
+
+# ---------------------------------------------------------------------------------------
+# Units, sizes and order
+
+
+def stage_units(model: nn.Module, schedule: Schedule) -> list[StageUnit]:
+    """Group the schedule's entries into staging units (entries that change nothing are left out)."""
+    adapter = adapter_for(model)
+    units = []
+    for index in range(len(adapter.blocks(model))):
+        name = f"{adapter.blocks_path}.{index}"
+        entries = {unit: choice for unit, choice in schedule.units.items()
+                   if (unit == name or unit.startswith(name + ".")) and choice != Choice()}
+        if entries:
+            units.append(StageUnit(name, index, entries))
+    head = schedule.units.get(adapter.lm_head)
+    if head is not None and head != Choice():
+        units.append(StageUnit(adapter.lm_head, None, {adapter.lm_head: head}))
+    return units
+
+
+def schedule_of(fingerprint: str, units: list[StageUnit], meta: dict | None = None) -> Schedule:
+    """The schedule made of ``units``' entries."""
+    return Schedule(fingerprint, {k: v for u in units for k, v in u.entries.items()}, dict(meta or {}))
+
+
+def unit_weight(memory: MemoryModel, unit: StageUnit, fingerprint: str) -> float:
+    """Bytes a unit removes; a unit that removes none (sparsity, a tied head) counts half its size."""
+    alone = schedule_of(fingerprint, [unit])
+    dense = memory.schedule_bytes(Schedule(fingerprint))
+    saving = dense - memory.schedule_bytes(alone)
+    if saving > 0:
+        return float(saving)
+    if unit.index is None:
+        return 0.5 * memory.head.out * memory.head.inp * 2
+    return 0.5 * memory.block_bytes(unit.index, Choice())
+
+
+def next_step(pending: list[StageUnit], weights: dict[str, float], current_bytes: int,
+              fraction: float) -> list[StageUnit]:
+    """The next units in order until ``fraction`` of ``current_bytes`` would be exceeded (at least one)."""
+    cap, taken, removed = fraction * current_bytes, [], 0.0
+    for unit in pending:
+        if taken and removed + weights[unit.name] > cap:
+            break
+        taken.append(unit)
+        removed += weights[unit.name]
+    return taken
+
+
+def _axes(choice: Choice) -> list[tuple[str, float]]:
+    """The probe kinds a choice is made of, as (kind, value) pairs of profile labels."""
+    axes = []
+    if choice.drop:
+        return [("drop", 1.0)]
+    if choice.quantized:
+        axes.append(("bits", float(choice.bits)))
+    if choice.head_ratio > 0:
+        axes.append(("heads", choice.head_ratio))
+    if choice.channel_ratio > 0:
+        axes.append(("channels", choice.channel_ratio))
+    if choice.pattern.value == "2:4":
+        axes.append(("2:4", 1.0))
+    elif choice.sparsity > 0:
+        axes.append(("sparsity", choice.sparsity))
+    return axes
+
+
+def _nearest_kl(kl: dict[str, float], kind: str, value: float) -> float | None:
+    options = []
+    for label, measured in kl.items():
+        name, _, text = label.partition("=")
+        if name != kind:
+            continue
+        try:
+            options.append((abs(float(text) - value) if text else 0.0, measured))
+        except ValueError:
+            continue
+    return min(options)[1] if options else None
+
+
+def profile_scores(profile, units: list[StageUnit]) -> dict[str, float] | None:
+    """Each unit's summed profile KL for its choice (None if the profile cannot price every unit)."""
+    scores = {}
+    for unit in units:
+        total, found = 0.0, False
+        for entry, choice in unit.entries.items():
+            measured = [u for u in profile.units if u.name == entry]
+            if not measured and entry == unit.name:
+                measured = [u for u in profile.units if u.name.startswith(unit.name + ".")]
+            for measured_unit in measured:
+                for kind, value in _axes(choice):
+                    kl = _nearest_kl(measured_unit.kl, kind, value) if kind not in ("drop", "2:4") \
+                        else measured_unit.kl.get(kind)
+                    if kl is not None:
+                        total, found = total + kl, True
+        if not found:
+            return None
+        scores[unit.name] = total
+    return scores
+
+
+@torch.no_grad()
+def proxy_scores(model: nn.Module, units: list[StageUnit], rows: torch.Tensor, fingerprint: str,
+                 batch_size: int = 8) -> dict[str, float]:
+    """Relative change of each block's own output when compressed alone with round-to-nearest.
+
+    ``||block'(x) - block(x)||^2 / ||block(x)||^2`` on the original block's inputs ``x``
+    (a few calibration rows). The output head gets +inf: without a profile it goes last.
+    """
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    paths = list(adapter.linears.values())
+    by_index = {u.index: u for u in units if u.index is not None}
+    scores = {u.name: math.inf for u in units if u.index is None}
+    if not by_index:
+        return scores
+    inputs = capture_block_inputs(model, rows, batch_size=batch_size)
+    for index in range(max(by_index) + 1):
+        out = run_block(blocks[index], inputs, batch_size=batch_size)
+        unit = by_index.get(index)
+        if unit is not None:
+            choice, linears = schedule_of(fingerprint, [unit]).block_plan(adapter.blocks_path, index, paths)
+            rtn = {path: replace(c, method=QuantMethod.RTN) for path, c in linears.items()}
+            compressed = compress_block(blocks[index], index, model, replace(choice, method=QuantMethod.RTN),
+                                        inputs, linear_choices=rtn, batch_size=batch_size)
+            changed = run_block(compressed, inputs, batch_size=batch_size)
+            scores[unit.name] = float((changed - out).pow(2).sum() / out.pow(2).sum().clamp(min=1e-12))
+        inputs = inputs.with_hidden(out)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------
+# Compressing one step, in place
+
+
+@contextlib.contextmanager
+def _real_first_block(model: nn.Module, stand_in: nn.Module):
+    """Put a real block at position 0 while capturing inputs (the capture hook stops before it runs)."""
+    blocks = adapter_for(model).blocks(model)
+    first = blocks[0]
+    if not isinstance(first, DroppedBlock):
+        yield
+        return
+    blocks[0] = stand_in
+    try:
+        yield
+    finally:
+        blocks[0] = first
+
+
+@torch.no_grad()
+def compress_step_(model: nn.Module, units: list[StageUnit], rows: torch.Tensor | None, fingerprint: str,
+                   teacher: nn.Module, batch_size: int = 8) -> None:
+    """Compress ``units`` of ``model`` in place, calibrating on the model as it is now.
+
+    A dropped block becomes a :class:`~autocompress.compress.apply.DroppedBlock` in place.
+    """
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    paths = list(adapter.linears.values())
+    step = schedule_of(fingerprint, units)
+    plans = {u.index: step.block_plan(adapter.blocks_path, u.index, paths) for u in units if u.index is not None}
+    head_choice = step.units.get(adapter.lm_head)
+    head_gptq = head_choice is not None and head_choice.quantized and head_choice.method is QuantMethod.GPTQ
+    needed = [i for i, (c, linears) in plans.items() if needs_calibration(c, linears)]
+    last = len(blocks) if head_gptq else max(needed, default=-1)
+    if last >= 0 and rows is None:
+        raise ValueError("this step needs calibration tokens (Wanda scores or GPTQ Hessians)")
+    inputs = None
+    if last >= 0:
+        with _real_first_block(model, adapter.blocks(teacher)[0]):
+            inputs = capture_block_inputs(model, rows, batch_size=batch_size)
+    for index in range(len(blocks)):
+        if index in plans:
+            choice, linears = plans[index]
+            block = compress_block_(blocks[index], model, choice, inputs if index <= last else None,
+                                    linear_choices=linears, batch_size=batch_size)
+            if choice.drop:
+                blocks[index] = block
+        if inputs is not None and index < last:
+            inputs = inputs.with_hidden(run_block(blocks[index], inputs, batch_size=batch_size))
+    if head_choice is not None:
+        _compress_head(model, adapter, head_choice, inputs if head_gptq else None, batch_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Dropped blocks in checkpoints
+
+
+def dropped_indices(model: nn.Module) -> list[int]:
+    """Positions of the blocks that stand in for dropped ones."""
+    return [i for i, b in enumerate(adapter_for(model).blocks(model)) if isinstance(b, DroppedBlock)]
+
+
+@contextlib.contextmanager
+def physically_dropped(model: nn.Module):
+    """Remove the dropped stand-ins for real inside the ``with`` (to save), restore them after."""
+    dropped = dropped_indices(model)
+    if not dropped:
+        yield model
+        return
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    layer_idx = [(m, m.layer_idx) for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    config = model.config
+    saved = (config.num_hidden_layers, copy.copy(getattr(config, "layer_types", None)))
+    drop_blocks(model, dropped)
+    try:
+        yield model
+    finally:
+        set_submodule(model, adapter.blocks_path, blocks)
+        for module, value in layer_idx:
+            module.layer_idx = value
+        config.num_hidden_layers = saved[0]
+        if saved[1] is not None:
+            config.layer_types = saved[1]
+
+
+def reinsert_dropped(model: nn.Module, dropped: list[int], like: nn.Module) -> nn.Module:
+    """Put :class:`DroppedBlock` stand-ins back at ``dropped`` (inverse of a physical drop).
+
+    ``like`` is the original model, whose config gives the full depth.
+    """
+    if not dropped:
+        return model
+    adapter = adapter_for(model)
+    kept = iter(adapter.blocks(model))
+    total = like.config.num_hidden_layers
+    new = nn.ModuleList([DroppedBlock() if i in set(dropped) else next(kept) for i in range(total)])
+    for index, block in enumerate(new):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = index
+    set_submodule(model, adapter.blocks_path, new)
+    model.config.num_hidden_layers = total
+    if getattr(like.config, "layer_types", None) is not None:
+        model.config.layer_types = list(like.config.layer_types)
+    return model
