@@ -20,7 +20,7 @@ from rich.table import Table
 from autocompress.artifacts import atomic_write_bytes
 from autocompress.data import load_tokens
 from autocompress.models import load_model
-from autocompress.profile.probes import probe_roles, role_table
+from autocompress.profile.probes import RoleProfile, probe_roles, role_table
 
 
 def hidden_states(model, tokens: torch.Tensor, window: int) -> list[torch.Tensor]:
@@ -40,6 +40,21 @@ def hidden_states(model, tokens: torch.Tensor, window: int) -> list[torch.Tensor
     return [torch.cat(chunks) for chunks in per_layer]
 
 
+def compare(console: Console, roles: RoleProfile, other: RoleProfile) -> None:
+    """Agreement of two role profiles (e.g. from disjoint samples): per task, the curves' correlation over depth."""
+    from scipy.stats import pearsonr, spearmanr
+
+    table = Table(title="agreement with the saved profile (curves over depth)")
+    for column in ("task", "pearson", "spearman", "mean |difference|"):
+        table.add_column(column, justify="right")
+    for task in roles.tasks:
+        a, b = np.asarray(roles.selectivity[task]), np.asarray(other.selectivity[task])
+        table.add_row(task, f"{pearsonr(a, b)[0]:+.3f}", f"{spearmanr(a, b)[0]:+.3f}", f"{np.abs(a - b).mean():.3f}")
+    console.print(table)
+    same = sum(x == y for x, y in zip(roles.dominant, other.dominant))
+    console.print(f"same dominant role in {same} of {roles.layers} layers")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -47,13 +62,15 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--start", type=int, default=0, help="skip this many calibration tokens (a disjoint sample)")
     parser.add_argument("--save", help="also write the role profile as JSON to this path")
+    parser.add_argument("--compare", help="a role profile saved by --save: print how well the curves agree")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(width=max(Console().width, 120))
 
     loaded = load_model(args.model)
-    stream = load_tokens("stdlib-docs", loaded.tokenizer, "calibration", args.tokens)
+    stream = load_tokens("stdlib-docs", loaded.tokenizer, "calibration", args.tokens, start=args.start)
     started = time.perf_counter()
     states = hidden_states(loaded.model, stream.tokens, args.window)
     capture = time.perf_counter() - started
@@ -93,6 +110,8 @@ def main() -> None:
     for name, ok in checks.items():
         console.print(f"{'PASS' if ok else 'FAIL'}  {name}")
     console.print(f"dominant roles by layer: {' '.join(roles.dominant)}")
+    if args.compare:
+        compare(console, roles, RoleProfile.from_json(json.loads(open(args.compare).read())))
     if args.save:
         atomic_write_bytes(args.save, json.dumps(roles.to_json(), indent=1).encode())
     console.print(f"hidden-state capture {capture:.1f} s, probes {roles.seconds:.1f} s "
