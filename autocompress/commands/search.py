@@ -31,9 +31,9 @@ def register(verbs) -> None:
                     help="NSGA-II over (KL, memory, latency) instead of TPE on KL")
     se.add_argument("--workers", type=positive_int, default=1, help="worker processes on this machine")
     se.add_argument("--seed", type=int, default=0)
-    se.add_argument("--measure", type=int, help="most real evaluations (default: trials/4 plus baselines)")
-    se.add_argument("--holdout-tokens", type=positive_int, default=2048,
-                    help="held-aside calibration tokens to measure candidates on (default 2048)")
+    se.add_argument("--measure", type=int, help="most real evaluations in all; baselines are measured regardless (default: trials/8 + 8)")
+    se.add_argument("--holdout-tokens", type=positive_int, default=1024,
+                    help="held-aside calibration tokens to measure candidates on (default 1024)")
     se.add_argument("--calibration-tokens", type=positive_int, default=None,
                     help="calibration tokens for Wanda/GPTQ statistics, at most the profile's (default: the profile's)")
     se.add_argument("--window", type=positive_int, default=256, help="window length (default 256)")

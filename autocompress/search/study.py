@@ -48,7 +48,7 @@ class SearchSettings:
     """Everything a search needs besides the run directory's artifacts.
 
     ``trials`` is the study's total of finished trials. ``measure`` caps real evaluations
-    (default: a quarter of the trials plus the baselines). ``holdout_tokens`` of the
+    (default: an eighth of the trials plus eight; baselines are always measured). ``holdout_tokens`` of the
     calibration split, after the profile's own tokens, are the measuring slice; Wanda and GPTQ
     statistics use the first ``calibration_tokens`` (default: the profile's own tokens), so
     what is measured never informed what is compressed.
@@ -64,7 +64,7 @@ class SearchSettings:
     pareto: bool = False
     workers: int = 1
     seed: int = 0
-    holdout_tokens: int = 2048
+    holdout_tokens: int = 1024
     window: int = 256
     calibration_tokens: int | None = None
     measure: int | None = None
@@ -585,7 +585,7 @@ def _should_measure(ctx: Context, study, trial, estimate: float, measured_count:
     settings = ctx.settings
     if trial.user_attrs.get("measure"):
         return True
-    cap = settings.measure if settings.measure is not None else max(settings.trials // 4, 1) + len(BASELINE_SOURCES) + 4
+    cap = settings.measure if settings.measure is not None else settings.trials // 8 + 8
     if measured_count >= cap:
         return False
     records = [t.user_attrs.get("record", {}) for t in study.get_trials(deepcopy=False)]
