@@ -1,6 +1,6 @@
 """Reuse a schedule learned on SmolLM2-135M on a structurally different model made from it.
 
-1. Profile SmolLM2-135M (quant-only space: bits 2/3/4/8 per block, RTN g128) and allocate a
+1. Profile SmolLM2-135M (bits 2/3/4/16 per block, RTN g128) and allocate a
    schedule at the size of uniform 3-bit (greedy repair under the additive profile model).
 2. Build the target: 6 blocks dropped (lowest block influence, never the first or last) and
    25% of MLP channels removed everywhere (Wanda scores), by ``apply`` + ``save_compressed``,
@@ -13,7 +13,7 @@
 5. Cold search vs search warm-started from the source schedule on the target, same trials:
    the trial at which the warm search first reaches the cold search's final measured KL.
 
-Run: ``.venv/bin/python bench/transfer.py [--work /tmp/transfer-bench] [--trials 40]``
+Run: ``.venv/bin/python bench/transfer.py [--work /tmp/transfer-bench] [--trials 30]``
 (artifacts are cached in --work; delete it to start over).
 """
 from __future__ import annotations
@@ -61,7 +61,8 @@ def get_profile(loaded, path: Path, calibration, space, args) -> Profile:
         return Profile.load(path)
     settings = ProfileSettings(tokens=args.profile_tokens, seq_len=256, roles=False, additivity=False,
                                proxies=True, fisher_rows=4, progress=False)
-    profile = profile_model(loaded, calibration, space, settings)
+    # data_name is the bare spec: the search re-reads held-aside tokens with load_tokens(profile.data)
+    profile = profile_model(loaded, calibration, space, settings, data_name="stdlib-docs")
     path.parent.mkdir(parents=True, exist_ok=True)
     profile.save(path)
     return profile
@@ -110,10 +111,11 @@ def first_reaching(records, target: float) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/transfer-bench")
-    parser.add_argument("--profile-tokens", type=int, default=2048)
-    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--profile-tokens", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--holdout-tokens", type=int, default=1024)
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -121,7 +123,10 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     figures: dict = {}
-    space = load_space("quant-only")
+    # quant-only without 8 bits: the bits this model's allocation really trades, at 3/4 of the profiling cost
+    space_file = work / "space.yaml"
+    space_file.write_text("name: bench-transfer\ngranularity: block\ngroup_size: 128\nmethod: rtn\nbits: [2, 3, 4, 16]\n")
+    space = load_space(str(space_file))
 
     # 1. source: profile and allocate
     source = load_model("smollm2-135m")
@@ -201,15 +206,23 @@ def main() -> None:
         results = {}
         for name, warm in (("cold", None), ("warm", str(work / "source" / "schedule.json"))):
             tick = time.perf_counter()
+            (run / f"study-{name}.db").unlink(missing_ok=True)  # a fresh study each run
             settings = SearchSettings(run_dir=str(run), budget=(f"memory={limit}b",), trials=args.trials,
+                                      space=str(space_file),
                                       storage=f"sqlite:///{run}/study-{name}.db", study_name=name, warm_start=warm,
-                                      progress=False, threads=args.threads, holdout_tokens=2048)
+                                      progress=False, threads=args.threads, holdout_tokens=args.holdout_tokens,
+                                      calibration_tokens=512)
             results[name] = search(settings, model=target.model, tokenizer=target.tokenizer)
             log(f"{name} search: {len(results[name].trials)} trials, {time.perf_counter() - tick:.0f} s")
         cold_best = min(r.measured_kl for r in results["cold"].trials
                         if r.measured_kl is not None and r.feasible and r.state == "COMPLETE")
         cold_at = first_reaching(results["cold"].trials, cold_best)
         warm_at = first_reaching(results["warm"].trials, cold_best)
+        uniform_kl = next(r.measured_kl for r in results["cold"].trials if r.source == "uniform:bits=3")
+        figures["search_uniform3_kl"] = uniform_kl
+        figures["warm_start_trials_kl"] = [r.measured_kl for r in results["warm"].trials if r.source == "warm-start"]
+        log(f"holdout KL: uniform 3-bit {uniform_kl:.4f}; warm-start trials (transfer, transfer + target profile, "
+            f"neighbours) {', '.join(f'{k:.4f}' for k in figures['warm_start_trials_kl'] if k is not None)}")
         figures["search"] = {"trials": args.trials, "cold_best_kl": cold_best, "cold_reached_at": cold_at,
                              "warm_reached_at": warm_at,
                              "warm_best_kl": min(r.measured_kl for r in results["warm"].trials

@@ -229,22 +229,26 @@ def neighbours(schedule: Schedule, model, budget, space, losses: LossTable, coun
     return out
 
 
-def warm_start_schedules(source: str | Path, model, space, budget, profile=None, *, count: int = 4) -> list[Schedule]:
+def warm_start_schedules(source: str | Path, model, space, budget, profile=None, *, count: int = 2) -> list[Schedule]:
     """Schedules to enqueue as a search's first trials on ``model``: the transfer of ``source``
     (a ``schedule.json`` or a run directory) repaired to ``budget`` with the source's own
     knowledge, the same repaired with the target's ``profile`` when given (it can trade the
     source's measured choices for the additive optimum, so both are tried), then up to
-    ``count`` neighbours of the first. All fit ``budget``; duplicates are dropped."""
+    ``count`` neighbours of the better-informed one, priced by the best knowledge at hand
+    (on SmolLM2 -> a derived model, neighbours priced by the source's sensitivity at the
+    same relative depth were poor: dropped blocks shift depths). All fit ``budget``;
+    duplicates are dropped."""
     source_schedule = load_source(source)
-    first = transfer_schedule(source_schedule, model, budget, space=space)
-    found = [first]
+    found = [transfer_schedule(source_schedule, model, budget, space=space)]
     if profile is not None:
         found.append(transfer_schedule(source_schedule, model, budget, space=space, profile=profile))
+    center = found[-1]
     coordinates = model_coordinates(model)
     units = space.units(model)
-    mapped = {name: Choice.from_json(entry["mapped"]) for name, entry in first.meta["transfer"]["units"].items()}
-    losses = losses_for(model, units, coordinates, source=source_schedule, space=space, mapped=mapped)
-    found += neighbours(first, model, budget, space, losses, count, units)
+    mapped = {name: Choice.from_json(entry["mapped"]) for name, entry in center.meta["transfer"]["units"].items()}
+    losses = losses_for(model, units, coordinates, profile=profile, source=source_schedule, space=space,
+                        mapped=mapped)
+    found += neighbours(center, model, budget, space, losses, count, units)
     out, seen = [], set()
     for schedule in found:
         key = tuple(sorted(schedule.units.items()))
