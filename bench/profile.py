@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--full", action="store_true", help="measure the whole default space in one profile")
     parser.add_argument("--sample-blocks", default="0,15,29", help="blocks whose full-space cost is measured")
+    parser.add_argument("--no-sample", action="store_true", help="skip part 2 (the full-space cost)")
     parser.add_argument("--out", default=None, help="also save profile A here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -107,7 +108,7 @@ def main() -> int:
             say(f"{task}: selectivity across depth from {min(values):+.3f} to {max(values):+.3f}")
         say("dominant role per block: " + " ".join(u.dominant_role or "-" for u in a.units))
 
-    if args.full:
+    if args.full or args.no_sample:
         return 0
     sample = [int(i) for i in args.sample_blocks.split(",")]
     frozen = [f"model.layers.{i}" for i in range(len(a.units)) if i not in sample]
