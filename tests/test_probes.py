@@ -78,6 +78,14 @@ def test_control_task_is_a_function_of_token_type():
     assert set(control[control != EXCLUDED].tolist()) <= {0, 1, 2}
 
 
+def test_a_task_without_examples_gives_nan_not_an_error(tokenizer):
+    states, tokens = synthetic_states(tokenizer)
+    labels = np.full(tokens.numel(), EXCLUDED)
+    assert (control_labels(labels, tokens.numpy(), np.random.default_rng(0)) == EXCLUDED).all()
+    x = states[1].numpy()
+    assert all(math.isnan(a) for a in probe_accuracies(x, [labels, labels], fold_ids(tokens.numel(), 0)))
+
+
 def test_control_task_keeps_the_label_distribution():
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 500, size=20000)

@@ -236,6 +236,8 @@ def control_labels(labels: np.ndarray, type_ids: np.ndarray, rng: np.random.Gene
     task excludes stay excluded.
     """
     keep = labels != EXCLUDED
+    if not keep.any():
+        return labels.copy()
     classes, class_counts = np.unique(labels[keep], return_counts=True)
     types, type_counts = np.unique(type_ids[keep], return_counts=True)
     order = rng.permutation(len(types))
@@ -438,9 +440,12 @@ def probe_roles(hidden_states: list[torch.Tensor], token_ids: torch.Tensor, toke
     """Probe every layer for the five linguistic tasks and return their selectivity curves.
 
     ``hidden_states[l]`` is ``[n_tokens, hidden]`` for layer ``l`` (0 = embedding output,
-    ``l`` = output of block ``l-1``), all at the positions of ``token_ids`` (``[n_tokens]``,
-    one contiguous stream). ``max_tokens`` keeps only the first that many positions. The
-    seed fixes the folds and the control tasks, so a run is reproducible.
+    ``l`` = output of block ``l-1``; Hugging Face's last entry has the final norm applied,
+    whose per-feature gain the standardisation here undoes), all at the positions of
+    ``token_ids`` (``[n_tokens]``, one contiguous stream, at least ``FOLDS * BLOCK`` = 512
+    tokens). ``max_tokens`` keeps only the first that many positions. The seed fixes the
+    folds and the control tasks, so a run is reproducible. A task with no example in the
+    stream gets NaN accuracies (``None`` in JSON) and is never dominant.
 
     Example::
 
