@@ -239,3 +239,18 @@ def test_a_failed_step_is_halved_until_the_offending_unit_is_frozen(tmp_path):
     assert result.steps[3].units == ["model.layers.1"] and result.steps[3].frozen == ["model.layers.1"]
     assert result.frozen == ["model.layers.1"]
     assert sorted(result.schedule.units) == ["model.layers.0", "model.layers.2", "model.layers.3"]
+
+
+def test_final_recovery_runs_once_and_is_logged(tmp_path):
+    model = tiny_model("llama", layers=3)
+    schedule = Schedule(model_fingerprint(model), {"model.layers.1": Choice(channel_ratio=0.5)})
+    config = _config(final_recovery_steps=4)
+    result = staged_apply(model, schedule, CALIB, VALID, config, tmp_path)
+    from autocompress.artifacts import read_artifact
+
+    state = read_artifact(tmp_path / "staged.json", "staged", 1)
+    final = state["final_recovery"]
+    assert final["steps"] == 4 and final["before"]["kl"] > 0
+    assert final["kept"] == (final["after"]["kl"] <= final["before"]["kl"])
+    assert state["final"]["kl"] == (final["after"] if final["kept"] else final["before"])["kl"]
+    assert abs(result.final.kl - state["final"]["kl"]) < 1e-6  # the JSON rounds to 6 digits

@@ -64,6 +64,8 @@ def register(verbs) -> None:
     staged.add_argument("--recovery", choices=["never", "on-failure", "always"], default="on-failure",
                         help="when to distill (default on-failure)")
     staged.add_argument("--recovery-steps", type=int, default=100, help="distillation steps per recovery (default 100)")
+    staged.add_argument("--final-recovery-steps", type=int, default=0,
+                        help="distillation steps on the finished model (kept if it helps; default 0)")
     staged.add_argument("--recovery-seconds", type=_non_negative, help="time limit per recovery")
     staged.add_argument("--lr", type=_non_negative, default=5e-5, help="learning rate of dense weights and norms")
     staged.add_argument("--lora-lr", type=_non_negative, default=1e-3, help="learning rate of LoRA adapters")
@@ -100,6 +102,7 @@ def run(args) -> int:
         staged = StagedConfig(step_fraction=args.step_fraction, one_shot=args.one_shot, gates=gates,
                               recovery=Recovery(args.recovery), distill=distill, calib_seq_len=args.seq_len,
                               lora_merge=args.lora_merge, restart=args.restart,
+                              final_recovery_steps=max(0, args.final_recovery_steps),
                               resume=args.resume)
     elif args.resume or args.restart:
         raise UserError("--resume and --restart are about staged runs; add --staged")

@@ -40,7 +40,7 @@ import copy
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Callable
@@ -126,6 +126,8 @@ class StagedConfig:
     ``calib_seq_len`` is the row length for calibration statistics (Wanda, GPTQ), taken from
     the first ``calib_rows`` rows (None: all); distillation cuts all the calibration tokens
     into rows of ``distill.seq_len``.
+    ``final_recovery_steps``: one more distillation of the finished model (Minitron's long
+    distillation after pruning), kept only if it lowers the validation KL.
     ``split_failed``: a failed step of several units is retried with its more robust half
     (halving again on failure) until the offending unit is alone and frozen; otherwise the
     whole step is frozen. ``lora_merge`` says how adapters end up in the saved model (see
@@ -146,6 +148,7 @@ class StagedConfig:
     eval_batch_size: int = 2
     proxy_rows: int = 4
     split_failed: bool = True
+    final_recovery_steps: int = 0
     resume: bool = False
     restart: bool = False
     progress: bool = True
@@ -389,6 +392,8 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         if on_step is not None:
             on_step(record)
 
+    if config.final_recovery_steps > 0 and state["accepted"]:
+        current = _final_recovery(student, teacher, train_rows, valid, config, current, state)
     accepted_now = [by_name[n] for n in state["accepted"]]
     applied = schedule_of(fingerprint, accepted_now, {**schedule.meta, "staged": {
         "frozen": list(state["frozen"]), "steps": len(steps)}})
@@ -402,6 +407,25 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
     write_artifact(state_path, STAGED_TYPE, STAGED_VERSION, state)
     return StagedResult(student, applied, steps, list(state["frozen"]), original, current,
                         state["original"]["bytes"], final_bytes, time.perf_counter() - started)
+
+
+def _final_recovery(student: nn.Module, teacher: nn.Module, rows: torch.Tensor, valid: torch.Tensor,
+                    config: StagedConfig, current: Quality, state: dict) -> Quality:
+    """Distill the finished model once more (kept only if the validation KL improves); logs to ``state``."""
+    blocks = adapter_for(student).blocks(student)
+    saved = {i: copy.deepcopy(block) for i, block in enumerate(blocks)}
+    result = distill(student, teacher, rows, replace(config.distill, steps=config.final_recovery_steps),
+                     progress=config.progress)
+    merge_lora(student, config.lora_merge)
+    after = _quality(student, teacher, valid, config)
+    kept = after.kl <= current.kl
+    if not kept:
+        for index, block in saved.items():
+            blocks[index] = block
+    state["final_recovery"] = {**result.to_json(), "before": _fmt(current), "after": _fmt(after), "kept": kept}
+    console.print(f"final recovery: validation perplexity {current.perplexity:.2f} -> {after.perplexity:.2f}"
+                  f"{'' if kept else ' (worse KL: undone)'}")
+    return after if kept else current
 
 
 def staged_table(steps: list[StepRecord], original_bytes: int, original_ppl: float):
