@@ -78,7 +78,11 @@ def pruning_schedule(model, fp: str, target: float) -> tuple[Schedule, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["a", "b", "all"], default="all")
+    parser.add_argument("--part", choices=["a", "a-staged", "b", "all"], default="all",
+                        help="a-staged: only the staged variant of (a)")
+    parser.add_argument("--final-share", type=float, default=0.0,
+                        help="share of the staged budget kept for a final recovery after the last step")
+    parser.add_argument("--skip-original", action="store_true", help="do not evaluate the original")
     parser.add_argument("--kd-steps", type=int, default=60, help="distillation budget B (steps)")
     parser.add_argument("--kd-batch", type=int, default=2)
     parser.add_argument("--kd-seq", type=int, default=128)
@@ -121,35 +125,39 @@ def main() -> None:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
 
-    tick = time.perf_counter()
-    record("-", "original fp32 (16-bit size)", original, ppl(original), time.perf_counter() - tick)
+    if not args.skip_original:
+        tick = time.perf_counter()
+        record("-", "original fp32 (16-bit size)", original, ppl(original), time.perf_counter() - tick)
 
-    if args.part in ("a", "all"):
+    if args.part in ("a", "a-staged", "all"):
         schedule, removed = pruning_schedule(original, fp, args.target)
         ratio = next(iter(schedule.units.values())).channel_ratio
         steps = step_count(original, schedule, args.step_fraction)
         console.print(f"(a) MLP channels {ratio:.2f} in every block: {100 * removed:.1f}% of parameters; "
                       f"staged in {steps} steps")
-        tick = time.perf_counter()
-        student = copy.deepcopy(original)
-        apply(student, schedule, stat_rows, progress=False, fingerprint=fp)
-        one_shot = copy.deepcopy(student)
-        record("a", "one shot, no recovery", student, ppl(student), time.perf_counter() - tick)
+        if args.part != "a-staged":
+            tick = time.perf_counter()
+            student = copy.deepcopy(original)
+            apply(student, schedule, stat_rows, progress=False, fingerprint=fp)
+            one_shot = copy.deepcopy(student)
+            record("a", "one shot, no recovery", student, ppl(student), time.perf_counter() - tick)
+
+            tick = time.perf_counter()
+            result = distill(one_shot, original, train_rows, kd)
+            record("a", f"one shot + KD ({result.steps} steps)", one_shot, ppl(one_shot), time.perf_counter() - tick,
+                   {"kd_first_loss": result.first_loss, "kd_last_loss": result.last_loss})
+            del one_shot, student
 
         tick = time.perf_counter()
-        result = distill(one_shot, original, train_rows, kd)
-        record("a", f"one shot + KD ({result.steps} steps)", one_shot, ppl(one_shot), time.perf_counter() - tick,
-               {"kd_first_loss": result.first_loss, "kd_last_loss": result.last_loss})
-        del one_shot, student
-
-        tick = time.perf_counter()
-        per_step = max(1, args.kd_steps // steps)
+        final = int(round(args.kd_steps * args.final_share))
+        per_step = max(1, (args.kd_steps - final) // steps)
         config = StagedConfig(step_fraction=args.step_fraction, gates=Gates(step_ppl_increase=None),
                               recovery=Recovery.ALWAYS, distill=replace(kd, steps=per_step), calib_seq_len=256,
-                              calib_rows=16, eval_window=256)
+                              calib_rows=16, eval_window=256, final_recovery_steps=final)
         with tempfile.TemporaryDirectory() as run_dir:
             staged = staged_apply(copy.deepcopy(original), schedule, calib, valid, config, run_dir, fingerprint=fp)
-        record("a", f"staged ({len(staged.steps)} steps) + KD ({per_step * len(staged.steps)} steps)", staged.model,
+        budget = f"{steps} x {per_step}" + (f" + final {final}" if final else "")
+        record("a", f"staged ({len(staged.steps)} steps) + KD ({budget} steps)", staged.model,
                ppl(staged.model), time.perf_counter() - tick,
                {"steps": [{"units": len(s.units), "valid_ppl_after": s.after["perplexity"],
                            "valid_ppl_recovered": (s.recovered or {}).get("perplexity")} for s in staged.steps]})
