@@ -79,7 +79,7 @@ def main() -> None:
     original_ppl = perplexity(model, eval_tokens, window=args.window, batch_size=1)
     eval_seconds = time.perf_counter() - tick
 
-    console = Console()
+    console = Console(width=150)
     table = Table(title=f"search vs baselines: {profile.model}, {args.trials} trials, eval ppl on "
                         f"{eval_tokens.numel()} held-out tokens (16-bit: {original_ppl:.2f}, {eval_seconds:.0f} s/eval)")
     for column in ("scenario", "schedule", "trial", "eval ppl", "held-aside KL", "MB", "avg bits", "search s"):
