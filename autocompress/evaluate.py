@@ -51,17 +51,6 @@ def windows(tokens: torch.Tensor, window: int) -> torch.Tensor:
     return tokens[: count * window].view(count, window)
 
 
-def state_nbytes(model: nn.Module) -> int:
-    """Bytes of the model's state as stored: parameters and persistent buffers, tied ones once."""
-    seen, total = set(), 0
-    for tensor in model.state_dict().values():
-        key = (tensor.data_ptr(), tensor.numel())
-        if key not in seen:
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, use_cache=False).logits.float()
 
@@ -132,7 +121,8 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, model_name: str, data_na
              batch_size: int = 2, reference: nn.Module | None = None, decode_tokens: int = 32,
              progress: bool = True) -> EvalResult:
     """Evaluate ``model`` on ``tokens``: perplexity, KL/top-1 to ``reference``, size, speed."""
-    from .models import parameter_count  # noqa: PLC0415 (avoid an import cycle)
+    from .compress.memory import stored_bytes  # noqa: PLC0415 (avoid an import cycle)
+    from .models import parameter_count  # noqa: PLC0415
 
     wall = time.perf_counter()
     metrics = stream_metrics(model, tokens, window=window, batch_size=batch_size, reference=reference,
@@ -141,7 +131,7 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, model_name: str, data_na
     return EvalResult(
         model=model_name, data=data_name, tokens=windows(tokens, window).numel(), window=window,
         perplexity=metrics["perplexity"], loss=metrics["loss"], kl=metrics["kl"], top1=metrics["top1"],
-        size_bytes=state_nbytes(model), parameters=parameter_count(model),
+        size_bytes=stored_bytes(model), parameters=parameter_count(model),
         tokens_per_second=metrics["tokens_per_second"], decode_tokens_per_second=decode,
         wall_seconds=time.perf_counter() - wall, threads=torch.get_num_threads(),
     )

@@ -365,10 +365,13 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Number of parameters as stored (tied embeddings counted once)."""
+    """Number of weights as stored (tied embeddings once); a packed quantized linear counts out x in."""
     seen, total = set(), 0
     for tensor in model.parameters():
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             total += tensor.numel()
+    for module in model.modules():
+        if isinstance(getattr(module, "packed", None), torch.Tensor):  # QuantLinear: codes are weights too
+            total += module.in_features * module.out_features
     return total

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tiny import random_tokens, tiny_model
 
 from autocompress.artifacts import read_artifact
-from autocompress.evaluate import evaluate, state_nbytes, stream_metrics, windows, write_eval
+from autocompress.evaluate import evaluate, stream_metrics, windows, write_eval
 
 
 def test_perplexity_matches_a_direct_computation():
@@ -37,9 +37,10 @@ def test_evaluate_writes_a_versioned_eval_json(tmp_path):
     model = tiny_model("opt")
     result = evaluate(model, random_tokens(256), model_name="tiny-opt", data_name="random", window=64,
                       decode_tokens=4, progress=False)
-    assert result.tokens == 256 and result.size_bytes == state_nbytes(model)
-    assert result.size_bytes == sum(p.numel() * 4 for p in model.state_dict().values()
-                                    if p.data_ptr() != model.lm_head.weight.data_ptr()) + model.lm_head.weight.numel() * 4
+    assert result.tokens == 256 and result.size_bytes == 2 * sum(p.numel() for p in model.parameters())
+    # As stored: 16-bit floats, the tied embedding/head once (not the fp32 bytes in memory).
+    assert result.size_bytes == 2 * (sum(p.numel() for p in model.state_dict().values())
+                                     - model.lm_head.weight.numel())
     path = write_eval(result, tmp_path / "eval.json")
     data = read_artifact(path, "eval", 1)
     assert data["perplexity"] == result.perplexity and data["decode_tokens_per_second"] > 0

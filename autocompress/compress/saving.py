@@ -205,6 +205,8 @@ def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, object]:
                             f"autocompress.json says {tuple(expected[name].shape)}")
         tensors[name] = tensor.to(expected[name].dtype)
     model.load_state_dict(tensors, strict=True)
+    if record["lm_head"] is None and getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # from_config may leave the head untied: one copy in memory, as on disk
     tokenizer = None
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(path))
