@@ -20,10 +20,8 @@ together at exactly N.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -36,11 +34,13 @@ import numpy as np
 
 from ..errors import UserError
 from .budget import Budget
-from .decisions import Slot, build_slots, to_schedule
+from .collect import BASELINE_SOURCES, _measured_samples, best_schedule, collect, result_table  # noqa: F401
+from .decisions import Slot, build_slots
 from .objective import AdditivePredictor, Correction
-from .result import SearchResult, TrialRecord
+from .proposals import baseline_picks, local_move, warm_start_picks  # noqa: F401
+from .result import SearchResult
+from .storage import Heartbeat, _worker_id, default_study_name, fail_dead_trials, open_storage, storage_url
 
-BASELINE_SOURCES = ("uniform:", "knapsack", "greedy")
 
 
 @dataclass(frozen=True)
@@ -80,119 +80,6 @@ class SearchSettings:
     finalize: bool = True
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-
-# ---------------------------------------------------------------------------------------
-# Storage
-
-
-def storage_url(settings: SearchSettings) -> str:
-    """The storage URL: ``--storage`` or ``sqlite:///RUN/study.db``."""
-    return settings.storage or f"sqlite:///{Path(settings.run_dir).resolve() / 'study.db'}"
-
-
-def open_storage(url: str):
-    """An Optuna storage: a journal file for paths ending ``.journal``/``.log``, an RDB URL otherwise."""
-    import optuna  # noqa: PLC0415
-
-    if "://" not in url:
-        if not url.endswith((".journal", ".log")):
-            raise UserError(f"storage {url!r}: give an RDB URL (sqlite:///path.db, postgresql://...) "
-                            f"or a journal file ending in .journal")
-        from optuna.storages.journal import JournalFileBackend  # noqa: PLC0415
-
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
-        if url.startswith("sqlite"):
-            _fast_sqlite(storage.engine)
-        return storage
-    except (ImportError, ModuleNotFoundError) as exc:
-        raise UserError(f"storage {url!r} needs a database driver that is not installed ({exc})") from None
-    except Exception as exc:  # SQLAlchemy's errors for bad URLs and unreachable servers
-        raise UserError(f"cannot open storage {url!r}: {str(exc).splitlines()[0]}") from None
-
-
-def _fast_sqlite(engine) -> None:
-    """WAL journal, fsync at checkpoints only: a commit still survives a killed process (SIGKILL),
-    only an operating-system crash could lose the last trials; readers no longer block the writer."""
-    from sqlalchemy import event  # noqa: PLC0415
-
-    def pragmas(connection, _record):
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    event.listen(engine, "connect", pragmas)
-    engine.dispose()
-
-
-def default_study_name(space: str, budget: Budget, pareto: bool) -> str:
-    """``space:budget-specs[:pareto]``, so different budgets in one run directory do not collide."""
-    return f"{space}:{','.join(budget.specs)}{':pareto' if pareto else ''}"
-
-
-def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-HEARTBEAT_SECONDS = 15.0
-
-
-def fail_dead_trials(study) -> int:
-    """Mark RUNNING trials whose worker is gone as FAIL: at once for a dead process on this host
-    (a SIGKILLed run), after four missed heartbeats for a worker on another machine."""
-    from optuna.trial import TrialState  # noqa: PLC0415
-
-    host = socket.gethostname()
-    failed = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker", "")
-        name, _, pid = worker.rpartition(":")
-        if name != host or not pid.isdigit():
-            beat = trial.user_attrs.get("heartbeat", trial.datetime_start.timestamp() if trial.datetime_start else None)
-            if beat is not None and time.time() - beat > 4 * HEARTBEAT_SECONDS:
-                failed += bool(study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL))
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-            failed += 1
-    return failed
-
-
-class Heartbeat:
-    """Writes the time into a running trial's ``heartbeat`` attribute every few seconds."""
-
-    def __init__(self, trial):
-        import threading  # noqa: PLC0415
-
-        self.trial, self.stop = trial, threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self.stop.wait(HEARTBEAT_SECONDS):
-            try:
-                self.trial.set_user_attr("heartbeat", time.time())
-            except Exception:  # noqa: BLE001 (the trial finished in between; nothing to keep alive)
-                return
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
 
 # ---------------------------------------------------------------------------------------
 # Preparation
@@ -302,60 +189,6 @@ def prepare(settings: SearchSettings, *, model=None, tokenizer=None, holdout=Non
     torch.manual_seed(settings.seed)
     return Context(settings, profile, model, profile.model, fingerprint, space, slots, budget, base, tables,
                    predictor.option_values(), predictor, holdout, calibration, holdout_meta)
-
-
-# ---------------------------------------------------------------------------------------
-# Baselines
-
-
-def baseline_picks(ctx: Context) -> list[tuple[list[str], dict[str, str]]]:
-    """(sources, picks) of the baselines: best-predicted uniform fits, knapsack, greedy; equal picks merged."""
-    from . import baselines  # noqa: PLC0415
-
-    limits = ctx.budget.raw_limits() - ctx.base
-    labels = [o.label for o in ctx.slots[0].options]
-    same_options = all([o.label for o in s.options] == labels for s in ctx.slots)
-    out: list[tuple[str, dict[str, str]]] = []
-    if same_options:
-        # Dropping every block is no model; a uniform "drop" is never a baseline.
-        fitting = [o for o in baselines.uniform(len(labels), ctx.tables, limits) if labels[o] != "drop"]
-        fitting.sort(key=lambda o: sum(v[o] for v in ctx.values))
-        out += [(f"uniform:{labels[o]}", ctx.label_picks([o] * len(ctx.slots)))
-                for o in fitting[: ctx.settings.uniform_baselines]]
-    for name, picks in (("knapsack", baselines.knapsack_multi(ctx.values, ctx.tables, limits)),
-                        ("greedy", baselines.greedy(ctx.values, ctx.tables, limits))):
-        if picks is not None:
-            out.append((name, ctx.label_picks(picks)))
-    unique: dict[tuple, tuple[list[str], dict[str, str]]] = {}
-    for source, picks in out:
-        unique.setdefault(tuple(sorted(picks.items())), ([], picks))[0].append(source)
-    return [(sources, picks) for sources, picks in unique.values()]
-
-
-def warm_start_picks(ctx: Context) -> tuple[list[dict[str, str]], list[str]]:
-    """Picks from ``--warm-start`` schedules (the transfer module), and notes on what was skipped."""
-    try:
-        from ..transfer import warm_start_schedules  # noqa: PLC0415
-    except ImportError:
-        raise UserError("--warm-start needs autocompress.transfer, which this installation lacks") from None
-    schedules = warm_start_schedules(ctx.settings.warm_start, ctx.model, ctx.space, ctx.budget, profile=ctx.profile)
-    from ..schedule import Choice  # noqa: PLC0415
-
-    picks_list, notes = [], []
-    for number, schedule in enumerate(schedules):
-        picks = {}
-        for slot in ctx.slots:
-            wanted = schedule.units.get(slot.members[0], Choice())
-            match = next((o.label for o in slot.options if o.choice == wanted
-                          or (wanted == Choice() and o.label == "bits=16")), None)
-            if match is None:
-                break
-            picks[slot.name] = match
-        if len(picks) == len(ctx.slots):
-            picks_list.append(picks)
-        else:
-            notes.append(f"warm-start schedule {number} uses choices outside this space; skipped")
-    return picks_list, notes
 
 
 # ---------------------------------------------------------------------------------------
@@ -476,56 +309,6 @@ def run_worker(ctx: Context, study, *, progress=None) -> int:
             progress()
 
 
-def local_move(ctx: Context, study, correction: Correction, rng, candidates: int = 400) -> bool:
-    """Enqueue the most promising untried feasible neighbour of the best measured trial (source ``local``).
-
-    Neighbours change one to three slots; the learned correction (the additive model until it
-    is fitted) ranks them. This is where measured interactions, which the additive model and
-    hence the knapsack cannot see, get exploited. Returns whether a trial was enqueued.
-    """
-    from optuna.trial import TrialState  # noqa: PLC0415
-
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-    measured = [t for t in done if t.user_attrs.get("record", {}).get("measure_complete")
-                and t.user_attrs["record"]["feasible"]]
-    if not measured:
-        return False
-    best = min(measured, key=lambda t: t.user_attrs["record"]["measured_kl"])
-    tried = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)}
-    correction.fit(_measured_samples(study))
-    start = ctx.index_picks(best.params)
-    limits = ctx.budget.raw_limits()
-    ranked = []
-    for _ in range(candidates):
-        picks = list(start)
-        for slot in rng.choice(len(picks), size=int(rng.integers(1, min(3, len(picks)) + 1)), replace=False):
-            picks[slot] = int(rng.integers(len(ctx.slots[slot].options)))
-        raw = ctx.base + sum(table[i] for table, i in zip(ctx.tables, picks))
-        if np.any(raw > limits + 1e-9 * np.abs(limits)):
-            continue
-        labels = ctx.label_picks(picks)
-        if tuple(sorted(labels.items())) in tried:
-            continue
-        predicted = ctx.predictor.predict(labels)
-        corrected = correction.predict(labels, predicted)
-        ranked.append((corrected if corrected is not None else predicted, labels))
-    if not ranked:
-        return False
-    study.enqueue_trial(min(ranked, key=lambda r: r[0])[1], user_attrs={"source": "local"})
-    return True
-
-
-def _measured_samples(study) -> list[tuple[dict, float, float]]:
-    out, seen = [], set()
-    for t in study.get_trials(deepcopy=False):
-        record = t.user_attrs.get("record", {})
-        key = tuple(sorted(t.params.items()))
-        if record.get("measure_complete") and key not in seen:  # a re-used measurement is no new evidence
-            seen.add(key)
-            out.append((t.params, record["predicted_kl"], record["measured_kl"]))
-    return out
-
-
 def _evaluate_trial(ctx: Context, study, trial, correction: Correction, labels: dict):
     from optuna.trial import TrialState  # noqa: PLC0415
 
@@ -591,97 +374,6 @@ def _should_measure(ctx: Context, study, trial, estimate: float, measured_count:
     records = [t.user_attrs.get("record", {}) for t in study.get_trials(deepcopy=False)]
     best = min((r["measured_kl"] for r in records if r.get("measure_complete") and r.get("feasible")), default=None)
     return best is None or estimate <= best * (1.0 + settings.promising_slack)
-
-
-# ---------------------------------------------------------------------------------------
-# Result
-
-
-def _records(ctx: Context, study) -> list[TrialRecord]:
-    records = []
-    for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs.get("record")
-        if a is None:
-            continue
-        records.append(TrialRecord(
-            number=t.number, source=a.get("source", "tpe"), choices=dict(t.params), predicted_kl=a["predicted_kl"],
-            corrected_kl=a.get("corrected_kl"), measured_kl=a.get("measured_kl"), measured_loss=a.get("measured_loss"),
-            measured_ppl=a.get("measured_ppl"), memory_bytes=int(a["memory_bytes"]), avg_bits=a["avg_bits"],
-            params=int(a["params"]), latency_ms=a["latency_ms"], latency_source=a["latency_source"],
-            feasible=bool(a["feasible"]), state=t.state.name, seconds=a.get("seconds", 0.0)))
-    return records
-
-
-def _pareto(records: list[TrialRecord]) -> list[int]:
-    points = [(r.number, (r.measured_kl if r.measured_kl is not None else (r.corrected_kl or r.predicted_kl)),
-               r.memory_bytes, r.latency_ms) for r in records if r.feasible and r.state == "COMPLETE"]
-    front = []
-    for n, *p in points:
-        dominated = any(all(q[i] <= p[i] for i in range(3)) and any(q[i] < p[i] for i in range(3))
-                        for _, *q in points)
-        if not dominated:
-            front.append(n)
-    return sorted(front)
-
-
-def collect(ctx: Context, study, url: str, name: str, notes: list[str], seconds: float) -> SearchResult:
-    """Turn the study into a :class:`SearchResult` (best = lowest measured KL among feasible trials)."""
-    records = _records(ctx, study)
-    done = [r for r in records if r.state == "COMPLETE" and r.feasible]
-    measured = [r for r in done if r.measured_kl is not None]
-    if measured:
-        best = min(measured, key=lambda r: (r.measured_kl, r.number))
-    elif done:
-        best = min(done, key=lambda r: (r.corrected_kl or r.predicted_kl, r.number))
-        notes.append("no trial was measured; the best is chosen by predicted KL")
-    else:
-        best = None
-        notes.append("no feasible trial finished")
-    baselines = {}
-    also = {t.number: t.user_attrs.get("also", []) for t in study.get_trials(deepcopy=False)}
-    for r in records:
-        for source in [r.source] + list(also.get(r.number, [])):
-            if source.startswith(BASELINE_SOURCES) and r.state == "COMPLETE" and source not in baselines:
-                    baselines[source] = {"trial": r.number, "measured_kl": r.measured_kl, "measured_ppl": r.measured_ppl,
-                                     "predicted_kl": r.predicted_kl, "memory_bytes": r.memory_bytes,
-                                     "avg_bits": r.avg_bits, "latency_ms": r.latency_ms}
-    beat = best is not None and not best.source.startswith(BASELINE_SOURCES)
-    if best is not None and not beat:
-        notes.append(f"the search did not beat the best baseline: {best.source} (trial {best.number}) is kept")
-    measured_base = [b["measured_kl"] for b in baselines.values() if b["measured_kl"] is not None]
-    if best is not None and measured_base and best.measured_kl is not None:
-        assert best.measured_kl <= min(measured_base) + 1e-12  # baselines are measured, so this holds by choice
-    original = dict(ctx.evaluator.original_quality()) if measured else {}
-    original.update(ctx.budget.original)
-    correction = Correction(ctx.slots)
-    correction.fit(_measured_samples(study))
-    return SearchResult(
-        model=ctx.model_name, model_fingerprint=ctx.fingerprint, budget=ctx.budget.to_json(), space=ctx.space.name,
-        storage=url, study_name=name, objective="pareto" if ctx.settings.pareto else "kl",
-        holdout=ctx.holdout_meta, original=original, trials=records, baselines=baselines,
-        best=best.number if best else None, pareto=_pareto(records), beat_baselines=beat,
-        correction=correction.to_json(), notes=notes, seconds=seconds)
-
-
-def best_schedule(ctx: Context, result: SearchResult):
-    """The best trial as a :class:`~autocompress.schedule.Schedule` with its figures in ``meta``."""
-    best = result.trial(result.best)
-    schedule = to_schedule(ctx.slots, best.choices, ctx.fingerprint)
-    figures = ctx.budget.evaluate(schedule)
-    meta = {"search": {"trial": best.number, "source": best.source, "study": result.study_name,
-                       "storage": result.storage, "space": ctx.space.name, "budget": ctx.budget.to_json(),
-                       "predicted_kl": best.predicted_kl, "corrected_kl": best.corrected_kl,
-                       "measured_kl": best.measured_kl, "measured_ppl": best.measured_ppl,
-                       "holdout": ctx.holdout_meta, **figures, "latency_source": ctx.budget.latency_source,
-                       "pareto": result.pareto, "beat_baselines": result.beat_baselines}}
-    schedule = to_schedule(ctx.slots, best.choices, ctx.fingerprint, meta)
-    try:
-        from ..transfer.coordinates import describe  # noqa: PLC0415
-    except ImportError:
-        result.notes.append("schedule.json has no model-agnostic coordinates (autocompress.transfer missing)")
-        return schedule
-    return describe(schedule, ctx.model, ctx.profile)
-
 
 # ---------------------------------------------------------------------------------------
 # Entry point
@@ -752,32 +444,3 @@ def search(settings: SearchSettings, *, model=None, tokenizer=None, holdout=None
         schedule.save(run / "schedule.json")
         result.save(run / "search.json")
     return result
-
-
-def result_table(result: SearchResult):
-    """A rich table: the original, each baseline and the best trial, measured on the held-aside slice."""
-    from rich.table import Table  # noqa: PLC0415
-
-    from .budget import format_figure  # noqa: PLC0415
-
-    source = result.budget.get("latency_source", "")
-    table = Table(title=f"search {result.study_name} ({len(result.trials)} trials)",
-                  caption=f"KL and ppl measured on held-aside calibration text; latency {source}")
-    for column in ("what", "trial", "KL", "ppl", "KL pred.", "memory", "bits", "ms"):
-        table.add_column(column, overflow="fold")
-    if result.original:
-        table.add_row("original", "-", "0", _fmt(result.original.get("ppl")), "0",
-                      format_figure("memory_bytes", result.original["memory_bytes"]),
-                      f"{result.original['avg_bits']:.2f}", f"{result.original['latency_ms']:.3g}")
-    rows = [(name, b["trial"]) for name, b in result.baselines.items()]
-    if result.best is not None:
-        rows.append(("best", result.best))
-    for what, number in rows:
-        r = result.trial(number)
-        table.add_row(what, str(number), _fmt(r.measured_kl), _fmt(r.measured_ppl), _fmt(r.predicted_kl),
-                      format_figure("memory_bytes", r.memory_bytes), f"{r.avg_bits:.2f}", f"{r.latency_ms:.3g}")
-    return table
-
-
-def _fmt(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
