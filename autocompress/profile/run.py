@@ -312,7 +312,7 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
             raise UserError(f"{exc} (or pass --force to replace it)") from None
         return ProfileOutcome(existing, path, True)
     profile = profile_model(loaded, stream, space, settings, model_name=model_spec,
-                            data_name=f"{data} (calibration)", model_fp=model_fp)
+                            data_name=data, model_fp=model_fp)
     profile.save(path)
     return ProfileOutcome(profile, path, False)
 
