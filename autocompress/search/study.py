@@ -7,8 +7,10 @@ Flow of one search (``autocompress search RUN --budget ... --trials N``):
 2. create the study on ``--storage`` (default ``sqlite:///RUN/study.db``) and enqueue the
    baselines as its first trials: the best-predicted uniform choices that fit, the exact
    knapsack and the greedy allocation under the additive model (and ``--warm-start`` schedules);
-3. each worker asks the study for trials: the additive prediction and its learned correction
-   cost microseconds; promising feasible candidates (and every baseline) are measured for real
+3. each worker asks the study for trials (TPE, or NSGA-II with ``--pareto``; in single-objective
+   searches two trials in three are local moves around the best measured trial, enqueued
+   by :func:`~autocompress.search.proposals.local_move`): the additive prediction and its
+   learned correction cost microseconds; promising feasible candidates (and every baseline) are measured for real
    on held-aside calibration windows by swapping cached compressed blocks, with intermediate KL
    reported so the pruner stops hopeless ones; budgets are ``trial.set_constraint`` values;
 4. the best *measured* feasible trial becomes ``RUN/schedule.json``; every trial goes to
@@ -341,7 +343,7 @@ def _evaluate_trial(ctx: Context, study, trial, correction: Correction, labels: 
     if previous is not None:
         measured = {k: previous.user_attrs["record"][f"measured_{k}"] for k in ("kl", "loss", "ppl")}
         record["measured_from"] = previous.number
-    elif feasible and _should_measure(ctx, study, trial, estimate, len(samples)):
+    elif feasible and _should_measure(ctx, study, trial, estimate, len(samples), correction):
         def report(step: int, kl: float) -> bool:
             if settings.pareto or trial.user_attrs.get("measure"):
                 return False  # baselines are always measured to the end: the result is compared with them
@@ -364,16 +366,30 @@ def _evaluate_trial(ctx: Context, study, trial, correction: Correction, labels: 
     return TrialState.COMPLETE, [kl]
 
 
-def _should_measure(ctx: Context, study, trial, estimate: float, measured_count: int) -> bool:
+def _should_measure(ctx: Context, study, trial, estimate: float, measured_count: int,
+                    correction: Correction) -> bool:
+    """Baselines always; others while under the cap if they look as good as the best measured trial.
+
+    "As good" compares like with like: the candidate's estimate against the best trial's
+    measured KL, or against that trial's own estimate under the same model, so a correction
+    that is still biased (fitted on few, dissimilar trials) does not veto every candidate.
+    """
     settings = ctx.settings
     if trial.user_attrs.get("measure"):
         return True
     cap = settings.measure if settings.measure is not None else settings.trials // 8 + 8
     if measured_count >= cap:
         return False
-    records = [t.user_attrs.get("record", {}) for t in study.get_trials(deepcopy=False)]
-    best = min((r["measured_kl"] for r in records if r.get("measure_complete") and r.get("feasible")), default=None)
-    return best is None or estimate <= best * (1.0 + settings.promising_slack)
+    measured = [t for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("record", {}).get("measure_complete") and t.user_attrs["record"]["feasible"]]
+    if not measured:
+        return True
+    best = min(measured, key=lambda t: t.user_attrs["record"]["measured_kl"])
+    record = best.user_attrs["record"]
+    own = correction.predict(best.params, record["predicted_kl"]) if correction.model is not None \
+        else record["predicted_kl"]
+    return estimate <= (1.0 + settings.promising_slack) * max(record["measured_kl"], own)
+
 
 # ---------------------------------------------------------------------------------------
 # Entry point
