@@ -19,12 +19,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _quiet_libraries() -> None:
+    import warnings  # noqa: PLC0415
+
     import optuna  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # transformers warns on every forward about its own cache argument; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*past_key_values.* is deprecated", category=FutureWarning)
 
 
 def _set_threads(threads: int | None) -> None:

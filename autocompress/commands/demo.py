@@ -8,10 +8,18 @@ from .common import add_threads, positive_int
 
 def register(verbs) -> None:
     """Add the ``demo`` sub-command."""
-    demo = verbs.add_parser("demo", help="the whole job on the demo model (what `make demo` runs)",
-                            description="Fetch SmolLM2-135M, evaluate it on stdlib-docs and write runs/demo.")
+    demo = verbs.add_parser(
+        "demo", help="the whole job on the demo model (what `make demo` runs)",
+        description="Fetch SmolLM2-135M, then profile -> search -> apply -> eval -> report on stdlib-docs "
+                    "with a quick preset (few tokens and trials); the run goes to --out, the report also "
+                    "to reports/demo-report.html.")
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    demo.add_argument("--tokens", type=positive_int, default=16384, help="evaluation tokens (default 16384)")
+    demo.add_argument("--budget", default="memory=50%", help="budget (default memory=50%%)")
+    demo.add_argument("--trials", type=positive_int, default=40, help="search trials (default 40)")
+    demo.add_argument("--profile-tokens", type=positive_int, default=512,
+                      help="calibration tokens the profile measures (default 512)")
+    demo.add_argument("--tokens", type=positive_int, default=4096, help="evaluation tokens (default 4096)")
+    demo.add_argument("--reports", default="reports", help="where the report is copied (default reports/)")
     add_threads(demo)
     demo.set_defaults(run=run)
 
@@ -20,5 +28,7 @@ def run(args) -> int:
     """Run the demo."""
     from ..demo import DemoConfig, run_demo  # noqa: PLC0415
 
-    run_demo(DemoConfig(out=Path(args.out), eval_tokens=args.tokens))
+    run_demo(DemoConfig(out=Path(args.out), budget=args.budget, trials=args.trials,
+                        profile_tokens=args.profile_tokens, eval_tokens=args.tokens,
+                        reports=Path(args.reports) if args.reports else None))
     return 0
