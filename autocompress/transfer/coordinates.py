@@ -119,14 +119,18 @@ def profile_summary(profile, coordinates: dict[str, UnitCoordinates] | None = No
             "choices": profile.choices, "scale": scale, "units": units}
 
 
-def describe(schedule: Schedule, model, profile=None) -> Schedule:
+def describe(schedule: Schedule, model, profile=None, *, signature: list[float] | None = None) -> Schedule:
     """``schedule`` with model-agnostic coordinates in its meta (see the module docstring).
 
     ``meta["agnostic"]`` maps each unit to ``{role, relative_depth, relative_size, choice}``;
     ``meta["source_model"]`` holds the model's family, block count, width and parameters;
-    ``meta["source_profile"]`` (only with ``profile``) the normalised per-unit KL summary.
+    ``meta["source_profile"]`` (only with ``profile``) the normalised per-unit KL summary;
+    ``meta["source_signature"]`` the per-block influence that transfer aligns blocks by
+    (:mod:`.alignment`): ``signature`` if given, else the profile's ``block_influence`` proxies.
     Units the schedule names but the model lacks are a :class:`UserError`.
     """
+    from .alignment import signature_from_profile  # noqa: PLC0415
+
     coordinates = model_coordinates(model)
     agnostic = {}
     for name, choice in schedule.units.items():
@@ -136,10 +140,19 @@ def describe(schedule: Schedule, model, profile=None) -> Schedule:
         agnostic[name] = {"role": coords.role, "relative_depth": round(coords.relative_depth, 6),
                           "relative_size": round(coords.relative_size, 6), "choice": choice.to_json()}
     meta = dict(schedule.meta)
+    shape = model_shape(model).to_json()
+    same_model = schedule.meta.get("source_model", {}).get("fingerprint") == shape["fingerprint"]
     meta["agnostic"] = agnostic
-    meta["source_model"] = model_shape(model).to_json()
+    meta["source_model"] = shape
     if profile is not None:
         meta["source_profile"] = profile_summary(profile, coordinates)
+    if signature is None and profile is not None:
+        signature = signature_from_profile(profile)
+    blocks = meta["source_model"]["blocks"]
+    if signature is not None and len(signature) == blocks:
+        meta["source_signature"] = {"kind": "block_influence", "values": [round(float(v), 8) for v in signature]}
+    elif not same_model:  # a signature measured on another model says nothing about this one
+        meta.pop("source_signature", None)
     return dataclasses.replace(schedule, meta=meta)
 
 

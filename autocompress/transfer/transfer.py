@@ -20,8 +20,9 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..schedule import Choice, Schedule
+from .alignment import align_blocks, block_signature, signature_from_profile
 from .coordinates import (BLOCK_ROLE, HEAD_ROLE, AgnosticChoice, agnostic_choices, describe, model_coordinates,
-                          model_shape)
+                          model_shape, relative_depth)
 from .repair import candidate_choices, repair, snap
 from .sensitivity import (FUSED, SPLIT, LossTable, from_choices, from_predictor, from_profile, from_summary,
                           interpolate_over_depth)
@@ -124,8 +125,45 @@ def losses_for(model, units: list[str], coordinates, *, profile=None, source: Sc
     return LossTable(coordinates, {}, "prior")
 
 
+def source_signature(schedule: Schedule) -> list[float] | None:
+    """The per-block influence :func:`~.coordinates.describe` stored for the source, or None."""
+    stored = schedule.meta.get("source_signature")
+    if not isinstance(stored, dict) or stored.get("kind") != "block_influence":
+        return None
+    values = stored.get("values")
+    if not isinstance(values, list) or not values or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    blocks = schedule.meta.get("source_model", {}).get("blocks")
+    return [float(v) for v in values] if blocks in (None, len(values)) else None
+
+
+def aligned_coordinates(source_schedule: Schedule, target_model, *, signature_tokens=None,
+                        target_signature: list[float] | None = None) -> tuple[dict, dict]:
+    """The target's coordinates with each block's relative depth replaced by that of the source
+    block it aligns to (:mod:`.alignment`), and a record of how: ``{"by": "block_influence",
+    "source_blocks": [...], "target_signature": [...]}`` or ``{"by": "relative_depth"}`` when the
+    source schedule holds no signature or neither ``signature_tokens`` nor ``target_signature``
+    is given."""
+    coordinates = model_coordinates(target_model)
+    source = source_signature(source_schedule)
+    if source is None or (signature_tokens is None and target_signature is None):
+        return coordinates, {"by": "relative_depth"}
+    target = target_signature if target_signature is not None else block_signature(target_model, signature_tokens)
+    blocks = 1 + max(c.block for c in coordinates.values())
+    if len(target) != blocks:
+        raise UserError(f"target signature has {len(target)} values for {blocks} blocks")
+    matched = align_blocks(source, target)
+    depths = [relative_depth(j, len(source)) for j in matched]
+    aligned = {name: dataclasses.replace(c, relative_depth=depths[c.block]) if c.block >= 0 else c
+               for name, c in coordinates.items()}
+    return aligned, {"by": "block_influence", "source_blocks": matched,
+                     "target_signature": [round(v, 8) for v in target]}
+
+
 def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=None, profile=None,
-                      predictor=None) -> Schedule:
+                      predictor=None, signature_tokens=None, target_signature: list[float] | None = None
+                      ) -> Schedule:
     """Map ``source_schedule`` onto ``target_model`` and repair it to meet ``budget`` exactly.
 
     ``space`` (a :class:`~autocompress.search.space.SearchSpace`) says which choices the target
@@ -134,19 +172,28 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
     repair, else ``predictor``, else a noise prior). The result carries coordinates for the
     target (``meta["agnostic"]``) and ``meta["transfer"]``: per unit the source units it came
     from, the mapped and the final choice, and where the loss estimates came from.
+
+    With ``signature_tokens`` (1-D calibration ids; one forward pass of the target) or a
+    precomputed ``target_signature``, and a source schedule that stores its blocks' signature,
+    target blocks are matched to source blocks by block influence (:mod:`.alignment`) instead
+    of raw relative depth, so a model with blocks removed keeps each block's own choice and
+    sensitivity; ``meta["transfer"]["alignment"]`` records the match.
     """
     from ..compress.memory import MemoryModel  # noqa: PLC0415
     from ..models import adapter_for, model_fingerprint  # noqa: PLC0415
 
     adapter_for(target_model)  # unknown family -> one clear line
-    coordinates = model_coordinates(target_model)
+    if profile is not None:
+        profile.check_matches(model_fingerprint(target_model))
+        if signature_tokens is None and target_signature is None:
+            target_signature = signature_from_profile(profile)  # measured already: free
+    coordinates, alignment = aligned_coordinates(source_schedule, target_model, signature_tokens=signature_tokens,
+                                                 target_signature=target_signature)
     entries = agnostic_choices(source_schedule)
     space = space or _default_space(entries)
     units = space.units(target_model)
     memory = MemoryModel.from_model(target_model)
     block_units = {f"{memory.blocks_path}.{i}" for i in range(len(memory.blocks))}
-    if profile is not None:
-        profile.check_matches(model_fingerprint(target_model))
     mapped: dict[str, Choice] = {}
     origin: dict[str, list[str]] = {}
     for name in units:
@@ -167,13 +214,14 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
     losses = losses_for(target_model, units, coordinates, profile=profile, source=source_schedule,
                         predictor=predictor, space=space, mapped=mapped)
     repaired = repair(draft, target_model, budget, space, losses, memory=memory)
-    result = describe(repaired, target_model, profile)
+    result = describe(repaired, target_model, profile, signature=alignment.get("target_signature"))
     source_model = source_schedule.meta.get("source_model", {})
     meta = dict(result.meta)
     meta["transfer"] = {
         "source_model": source_model,
         "target_model": model_shape(target_model).to_json(),
         "losses": losses.source,
+        "alignment": alignment,
         "space": space.to_json(),
         "bytes": memory.schedule_bytes(result),
         "units": {name: {"sources": origin.get(name, []),
@@ -229,7 +277,8 @@ def neighbours(schedule: Schedule, model, budget, space, losses: LossTable, coun
     return out
 
 
-def warm_start_schedules(source: str | Path, model, space, budget, profile=None, *, count: int = 2) -> list[Schedule]:
+def warm_start_schedules(source: str | Path, model, space, budget, profile=None, *, count: int = 2,
+                         signature_tokens=None) -> list[Schedule]:
     """Schedules to enqueue as a search's first trials on ``model``: the transfer of ``source``
     (a ``schedule.json`` or a run directory) repaired to ``budget`` with the source's own
     knowledge, the same repaired with the target's ``profile`` when given (it can trade the
@@ -237,13 +286,18 @@ def warm_start_schedules(source: str | Path, model, space, budget, profile=None,
     ``count`` neighbours of the better-informed one, priced by the best knowledge at hand
     (on SmolLM2 -> a derived model, neighbours priced by the source's sensitivity at the
     same relative depth were poor: dropped blocks shift depths). All fit ``budget``;
-    duplicates are dropped."""
+    duplicates are dropped. Blocks are aligned by signature (see :func:`transfer_schedule`)
+    measured on ``signature_tokens``, else read from ``profile``'s block influence."""
     source_schedule = load_source(source)
-    found = [transfer_schedule(source_schedule, model, budget, space=space)]
+    target_signature = signature_from_profile(profile) if profile is not None and signature_tokens is None else None
+    options = {"signature_tokens": signature_tokens, "target_signature": target_signature}
+    found = [transfer_schedule(source_schedule, model, budget, space=space, **options)]
     if profile is not None:
-        found.append(transfer_schedule(source_schedule, model, budget, space=space, profile=profile))
+        found.append(transfer_schedule(source_schedule, model, budget, space=space, profile=profile, **options))
     center = found[-1]
-    coordinates = model_coordinates(model)
+    if center.meta["transfer"]["alignment"]["by"] != "relative_depth":
+        options["target_signature"] = center.meta["transfer"]["alignment"]["target_signature"]
+    coordinates, _ = aligned_coordinates(source_schedule, model, **options)
     units = space.units(model)
     mapped = {name: Choice.from_json(entry["mapped"]) for name, entry in center.meta["transfer"]["units"].items()}
     losses = losses_for(model, units, coordinates, profile=profile, source=source_schedule, space=space,
@@ -258,4 +312,5 @@ def warm_start_schedules(source: str | Path, model, space, budget, profile=None,
     return out
 
 
-__all__ = ["transfer_schedule", "warm_start_schedules", "load_source", "map_choice", "neighbours", "losses_for"]
+__all__ = ["transfer_schedule", "warm_start_schedules", "load_source", "map_choice", "neighbours", "losses_for",
+           "aligned_coordinates", "source_signature"]
