@@ -127,8 +127,7 @@ def main() -> None:
             payload = safetensors_payload(out / "model.safetensors")
         assert stored_bytes(model) == predicted == payload, (name, stored_bytes(model), predicted, payload)
         assert abs(saved - predicted) <= 0.01 * predicted, (name, saved, predicted)
-        if not choice.quantized:
-            assert parameter_count(model) == params, (name, parameter_count(model), params)
+        assert parameter_count(model) == params, (name, parameter_count(model), params)
         speed = ("-", "-")
         if choice.structural:
             (base_prefill, base_decode), (prefill, decode) = compare_speed(base, model, prompt)

@@ -10,14 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-# bench/profile.py shadows the standard library's profiler (imported by torch) when this
-# folder is first on sys.path, as it is for `python bench/probes.py`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != _HERE]
 
 import numpy as np
 import torch

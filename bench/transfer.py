@@ -5,21 +5,23 @@
 2. Build the target: 6 blocks dropped (lowest block influence, never the first or last) and
    25% of MLP channels removed everywhere (Wanda scores), by ``apply`` + ``save_compressed``,
    loaded back with ``load_model(dir)``: 24 blocks of 1152 channels instead of 30 of 1536.
-3. Transfer the schedule (no profile of the target) to the target's uniform-3-bit size and
-   compare perplexity with uniform 3-bit: the budget must be met exactly (bytes <= limit, no
-   single upgrade fits) and the transfer must win.
+3. Transfer the schedule (no profile of the target; its blocks aligned to the source's by block
+   influence from one forward pass on 1,024 tokens, and, for comparison, by relative depth
+   alone) to the target's uniform-3-bit size and compare perplexity with uniform 3-bit: the
+   budget must be met exactly (bytes <= limit, no single upgrade fits) and the transfer must win.
 4. Profile the target; report the sensitivity predictor's Spearman correlation on it (trained
    on the source profile only, so the target is a model it was not trained on).
 5. Cold search vs search warm-started from the source schedule on the target, same trials:
    the trial at which the warm search first reaches the cold search's final measured KL.
 
 Run: ``.venv/bin/python bench/transfer.py [--work /tmp/transfer-bench] [--trials 30]``
-(artifacts are cached in --work; delete it to start over).
+(artifacts and perplexities are cached in --work; delete it to start over).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import sys
 import time
@@ -86,8 +88,18 @@ def make_target(source_spec: str, profile: Profile, out: Path, calibration) -> P
 
 
 def ppl(model, schedule: Schedule | None, tokens, args) -> float:
-    compressed = apply(copy.deepcopy(model), schedule, progress=False) if schedule is not None else model
-    return perplexity(compressed, tokens, window=args.window, batch_size=4)
+    """Perplexity of ``model`` compressed by ``schedule``, cached in WORK/perplexity.json by what
+    determines it (model, schedule units, evaluation tokens, window)."""
+    units = sorted((k, v.to_json()) for k, v in (schedule.units if schedule is not None else {}).items())
+    key = hashlib.sha256(json.dumps([model_fingerprint(model), units, tokens.tolist(), args.window],
+                                    sort_keys=True).encode()).hexdigest()
+    cache_file = Path(args.work) / "perplexity.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    if key not in cache:
+        compressed = apply(copy.deepcopy(model), schedule, progress=False) if schedule is not None else model
+        cache[key] = perplexity(compressed, tokens, window=args.window, batch_size=4)
+        cache_file.write_text(json.dumps(cache, indent=1))
+    return cache[key]
 
 
 def label(choice: Choice) -> str:
@@ -159,13 +171,20 @@ def main() -> None:
     limit = target_memory.schedule_bytes(uniform_t)
     target_budget = Budget.parse([f"memory={limit}b"], target_memory)
     tick = time.perf_counter()
-    transferred = transfer_schedule(source_schedule, target.model, target_budget, space=space)
+    # one forward pass of the target on 1,024 calibration tokens aligns its blocks to the source's
+    signature_tokens = load_tokens("stdlib-docs", target.tokenizer, "calibration", 1024).tokens
+    transferred = transfer_schedule(source_schedule, target.model, target_budget, space=space,
+                                    signature_tokens=signature_tokens)
     transfer_seconds = time.perf_counter() - tick
+    alignment = transferred.meta["transfer"]["alignment"]
+    log(f"alignment by {alignment['by']}: target block -> source block {alignment.get('source_blocks')}")
+    plain = transfer_schedule(source_schedule, target.model, target_budget, space=space)
     transferred.save(work / "transferred" / "schedule.json")
     exact = no_upgrade_fits(transferred, target_budget, space, space.units(target.model))
     used = target_memory.schedule_bytes(transferred)
     log(f"transfer: {transfer_seconds:.2f} s, {used:,} of {limit:,} bytes, no upgrade fits: {exact}")
-    rows = [("original target (16-bit)", None), ("uniform 3-bit g128", uniform_t), ("transferred", transferred)]
+    rows = [("original target (16-bit)", None), ("uniform 3-bit g128", uniform_t),
+            ("transferred, relative depth", plain), ("transferred", transferred)]
     table = Table(title=f"SmolLM2-135M (30 blocks) -> derived ({blocks} blocks, {channels} MLP channels), "
                         f"{args.eval_tokens} eval tokens")
     for column in ("schedule", "bytes", "perplexity"):
@@ -179,7 +198,10 @@ def main() -> None:
         log(f"{name}: ppl {value:.2f}")
     console.print(table)
     figures["transfer"] = {"bytes": used, "limit": limit, "no_upgrade_fits": exact, "seconds": transfer_seconds,
-                           "bits": [transferred.units.get(f"model.layers.{i}", Choice()).bits for i in range(blocks)]}
+                           "alignment": alignment.get("source_blocks"),
+                           "bits": [transferred.units.get(f"model.layers.{i}", Choice()).bits for i in range(blocks)],
+                           "bits_relative_depth": [plain.units.get(f"model.layers.{i}", Choice()).bits
+                                                   for i in range(blocks)]}
     (work / "figures.json").write_text(json.dumps(figures, indent=1))
 
     # 4. target profile and the predictor's Spearman on it

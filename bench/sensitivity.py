@@ -1,6 +1,6 @@
 """Profile SmolLM2-135M on stdlib-docs and print the figures issue 3 asks for.
 
-    python bench/profile.py [--tokens 2048] [--threads 1] [--full | --sample-blocks 0,15,29]
+    python bench/sensitivity.py [--tokens 2048] [--threads 1] [--full | --sample-blocks 0,15,29]
 
 Prints, in this order (each part as soon as it is measured):
 
@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import sys
 
-# This file is named like the standard library's profiler (which torch imports): keep its own
-# folder off the import path.
-sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import os  # noqa: E402
+import argparse
+import dataclasses
+import os
 
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import torch
+from rich.console import Console
+from rich.table import Table
 
 
 def main() -> int:
