@@ -16,10 +16,10 @@ from autocompress.transfer import describe, transfer_schedule
 from autocompress.transfer.alignment import align_blocks, block_signature
 
 
-def _source(seed: int = 0):
+def _source(seed: int = 0, vocab: int = 256):
     """A tiny 8-block Llama whose blocks write to the residual stream with different strengths
     (as real blocks do), so each block has its own influence."""
-    model = tiny_model("llama", layers=8, seed=seed)
+    model = tiny_model("llama", layers=8, seed=seed, vocab=vocab)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for block in model.model.layers:
@@ -79,3 +79,25 @@ def test_transfer_with_signature_gives_kept_blocks_their_source_choice():
     plain = transfer_schedule(schedule, target, budget, space=space)
     assert plain.meta["transfer"]["alignment"] == {"by": "relative_depth"}
     assert mapped(plain)[3] != 2  # by relative depth it sits between source blocks 3 and 4
+
+
+def test_cli_transfer_aligns_blocks_when_the_source_has_a_signature(tmp_path, capsys, tokenizer):
+    from autocompress.cli import main
+
+    space = load_space("quant-only")
+    source = _source(vocab=len(tokenizer))
+    schedule = Schedule.uniform(source, space.quant_choice(3))
+    schedule = describe(schedule, source, signature=block_signature(source, _tokens(source)))
+    schedule.save(tmp_path / "run" / "schedule.json")
+    target = _without(source, [2, 3])
+    target.save_pretrained(tmp_path / "target")
+    tokenizer.save_pretrained(tmp_path / "target")
+    out = tmp_path / "out"
+    assert main(["transfer", str(tmp_path / "run"), str(tmp_path / "target"), "--budget", "memory=60%",
+                 "--space", "quant-only", "--out", str(out), "--threads", "1", "--signature-tokens", "256"]) == 0
+    assert "blocks aligned by block_influence" in capsys.readouterr().out
+    alignment = Schedule.load(out / "schedule.json").meta["transfer"]["alignment"]
+    assert alignment["by"] == "block_influence" and len(alignment["source_blocks"]) == 6
+    assert alignment["source_blocks"] == sorted(set(alignment["source_blocks"]))  # monotone, distinct
+    assert main(["transfer", str(tmp_path / "run"), str(tmp_path / "target"), "--budget", "memory=60%",
+                 "--signature-tokens", "-1"]) == 2

@@ -19,6 +19,10 @@ def register(verbs) -> None:
                                     "(default: every bit width plus the pruning kinds the source used)")
     tr.add_argument("--profile", help="profile.json (or run directory) of NEW_MODEL, to price choices by it")
     tr.add_argument("--predictor", help="sensitivity predictor JSON, used when no profile summary is at hand")
+    tr.add_argument("--signature-tokens", type=int, default=1024,
+                    help="calibration tokens for one forward pass of NEW_MODEL that aligns its blocks to the "
+                         "source's by block influence (default: 1024; 0: align by relative depth alone)")
+    tr.add_argument("--data", default="stdlib-docs", help="calibration data spec for the signature (default: stdlib-docs)")
     tr.add_argument("--out", default="transfer-run", help="run directory for schedule.json (default: transfer-run)")
     add_trust_remote_code(tr)
     add_threads(tr)
@@ -70,7 +74,15 @@ def run(args) -> int:
     if not memory.blocks:
         raise UserError(f"{args.model}: no decoder blocks found; transfer needs a decoder-only transformer")
     budget = Budget.parse(args.budget, memory)
-    result = transfer_schedule(source, model, budget, space=space, profile=profile, predictor=predictor)
+    if args.signature_tokens < 0:
+        raise UserError(f"--signature-tokens must be 0 or more, got {args.signature_tokens}")
+    tokens = None
+    if args.signature_tokens > 0 and source.meta.get("source_signature") is not None:
+        from ..data import load_tokens  # noqa: PLC0415
+
+        tokens = load_tokens(args.data, loaded.tokenizer, "calibration", args.signature_tokens).tokens
+    result = transfer_schedule(source, model, budget, space=space, profile=profile, predictor=predictor,
+                               signature_tokens=tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result.save(out / "schedule.json")
@@ -90,6 +102,9 @@ def run(args) -> int:
                       _label(final), f"{unit_bytes(memory, name, final):,}")
     console = Console()
     console.print(table)
+    if info["alignment"]["by"] != "relative_depth":
+        console.print(f"blocks aligned by {info['alignment']['by']}: target block -> source block "
+                      f"{info['alignment']['source_blocks']}")
     figures = budget.evaluate(result)
     for limit in budget.limits:
         console.print(f"budget {limit.spec}: {limit.describe(figures[limit.figure])} "
