@@ -3,7 +3,9 @@
 :func:`transfer_schedule` reads the source schedule's model-agnostic coordinates, gives every
 unit of the target the source's choice at the same role and relative depth (bits interpolated
 linearly between the two nearest source depths, pruning ratios from the nearest one, both
-snapped to the target's search space), then :func:`~autocompress.transfer.repair.repair`
+snapped to the target's search space; with a block signature on both sides, a target block's
+depth is that of the source block it aligns to, see :mod:`.alignment`), then
+:func:`~autocompress.transfer.repair.repair`
 makes it meet the target budget exactly. Fused projections match their parts: a Phi-3 ``qkv``
 takes the mean bits of Llama's ``q``/``k``/``v``, and the other way round. No profile of the
 target is needed; one is used when given.
