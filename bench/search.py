@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--scenario", action="append", help=f"SPACE:BUDGET (default: {', '.join(SCENARIOS)})")
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--measure", type=int, default=None, help="most real evaluations per search")
-    parser.add_argument("--holdout-tokens", type=int, default=2048)
+    parser.add_argument("--holdout-tokens", type=int, default=1024)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
