@@ -128,13 +128,20 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--holdout-tokens", type=int, default=1024)
-    parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument("--skip-search", action="store_true",
+                        help="keep the search figures of the previous run in figures.json")
+    parser.add_argument("--placements", default="",
+                        help="comma-separated target blocks: also measure uniform 3-bit with that block at 2 bits "
+                             "and the last at 4 (the one-swap schedules of this budget)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     figures: dict = {}
+    if args.skip_search and (work / "figures.json").exists():
+        previous = json.loads((work / "figures.json").read_text())
+        figures.update({k: v for k, v in previous.items() if k.startswith(("search", "warm_start"))})
     # quant-only without 8 bits: the bits this model's allocation really trades, at 3/4 of the profiling cost
     space_file = work / "space.yaml"
     space_file.write_text("name: bench-transfer\ngranularity: block\ngroup_size: 128\nmethod: rtn\nbits: [2, 3, 4, 16]\n")
@@ -197,6 +204,18 @@ def main() -> None:
         table.add_row(name, f"{size:,}", f"{value:.2f}")
         log(f"{name}: ppl {value:.2f}")
     console.print(table)
+    if args.placements:
+        swaps = Table(title="one swap at the same size: block B at 2 bits, the last block at 4")
+        for column in ("block at 2 bits", "perplexity"):
+            swaps.add_column(column, justify="right")
+        figures["one_swap_perplexity"] = {}
+        for block in (int(b) for b in args.placements.split(",")):
+            units = {**uniform_t.units, f"model.layers.{block}": space.quant_choice(2),
+                     f"model.layers.{blocks - 1}": space.quant_choice(4)}
+            value = ppl(target.model, Schedule(uniform_t.fingerprint, units), evaluation, args)
+            figures["one_swap_perplexity"][block] = value
+            swaps.add_row(str(block), f"{value:.2f}")
+        console.print(swaps)
     figures["transfer"] = {"bytes": used, "limit": limit, "no_upgrade_fits": exact, "seconds": transfer_seconds,
                            "alignment": alignment.get("source_blocks"),
                            "bits": [transferred.units.get(f"model.layers.{i}", Choice()).bits for i in range(blocks)],
