@@ -40,7 +40,7 @@ from autocompress.compress.distill import DistillConfig, distill
 from autocompress.compress.lora import lora_parameters, merge_lora
 from autocompress.compress.memory import MemoryModel, stored_bytes
 from autocompress.compress.staged import Gates, Recovery, StagedConfig, staged_apply
-from autocompress.compress.staging import next_step, stage_units, unit_weight
+from autocompress.compress.staging import gradual_levels, next_step, stage_units, unit_weight
 from autocompress.data import load_tokens
 from autocompress.evaluate import perplexity
 from autocompress.models import load_model, model_fingerprint, parameter_count
@@ -49,11 +49,13 @@ from autocompress.schedule import Choice, PruneScore, Schedule
 console = Console()
 
 
-def step_count(model, schedule: Schedule, fraction: float) -> int:
+def step_count(model, schedule: Schedule, fraction: float, gradual: bool = False) -> int:
     """How many steps staging will take (gates off): the planner run on sizes alone."""
     fp = schedule.fingerprint
     memory = MemoryModel.from_model(model)
     units = stage_units(model, schedule)
+    if gradual:  # one level per step (each level within the fraction by construction)
+        return gradual_levels(memory, units, fp, fraction)
     weights = {u.name: unit_weight(memory, u, fp) for u in units}
     done, count = [], 0
     while len(done) < len(units):
@@ -82,6 +84,8 @@ def main() -> None:
                         help="a-staged: only the staged variant of (a)")
     parser.add_argument("--final-share", type=float, default=0.0,
                         help="share of the staged budget kept for a final recovery after the last step")
+    parser.add_argument("--gradual", action="store_true",
+                        help="staged variant moves every block through intermediate channel ratios")
     parser.add_argument("--skip-original", action="store_true", help="do not evaluate the original")
     parser.add_argument("--kd-steps", type=int, default=60, help="distillation budget B (steps)")
     parser.add_argument("--kd-batch", type=int, default=2)
@@ -132,7 +136,7 @@ def main() -> None:
     if args.part in ("a", "a-staged", "all"):
         schedule, removed = pruning_schedule(original, fp, args.target)
         ratio = next(iter(schedule.units.values())).channel_ratio
-        steps = step_count(original, schedule, args.step_fraction)
+        steps = step_count(original, schedule, args.step_fraction, args.gradual)
         console.print(f"(a) MLP channels {ratio:.2f} in every block: {100 * removed:.1f}% of parameters; "
                       f"staged in {steps} steps")
         if args.part != "a-staged":
@@ -153,13 +157,15 @@ def main() -> None:
         per_step = max(1, (args.kd_steps - final) // steps)
         config = StagedConfig(step_fraction=args.step_fraction, gates=Gates(step_ppl_increase=None),
                               recovery=Recovery.ALWAYS, distill=replace(kd, steps=per_step), calib_seq_len=256,
-                              calib_rows=16, eval_window=256, final_recovery_steps=final)
+                              calib_rows=16, eval_window=256, final_recovery_steps=final,
+                              gradual=args.gradual)
         with tempfile.TemporaryDirectory() as run_dir:
             staged = staged_apply(copy.deepcopy(original), schedule, calib, valid, config, run_dir, fingerprint=fp)
         budget = f"{steps} x {per_step}" + (f" + final {final}" if final else "")
-        record("a", f"staged ({len(staged.steps)} steps) + KD ({budget} steps)", staged.model,
+        name = f"staged{' gradual' if args.gradual else ''} ({len(staged.steps)} steps) + KD ({budget} steps)"
+        record("a", name, staged.model,
                ppl(staged.model), time.perf_counter() - tick,
-               {"steps": [{"units": len(s.units), "valid_ppl_after": s.after["perplexity"],
+               {"steps": [{"units": len(s.units), "first_unit": s.units[0], "valid_ppl_after": s.after["perplexity"],
                            "valid_ppl_recovered": (s.recovered or {}).get("perplexity")} for s in staged.steps]})
         del staged
 

@@ -55,6 +55,8 @@ def register(verbs) -> None:
     staged.add_argument("--step-fraction", type=_fraction, default=0.15,
                         help="most of the current size one step may remove (default 0.15)")
     staged.add_argument("--one-shot", action="store_true", help="one step with everything (gates still apply)")
+    staged.add_argument("--gradual", action="store_true",
+                        help="move every unit through intermediate head/channel ratios and bits, one level per step")
     staged.add_argument("--gate-kl", type=_non_negative, help="max KL-to-original increase per step")
     staged.add_argument("--gate-ppl-increase", type=_non_negative, default=0.25,
                         help="max relative perplexity increase per step (default 0.25; 0 with --no-step-gate)")
@@ -99,8 +101,9 @@ def run(args) -> int:
         distill = DistillConfig(steps=args.recovery_steps, seconds=args.recovery_seconds, lr=args.lr,
                                 lora_lr=args.lora_lr, lora_rank=args.lora_rank, batch_size=args.kd_batch,
                                 seq_len=args.kd_seq_len, temperature=args.temperature or 1.0)
-        staged = StagedConfig(step_fraction=args.step_fraction, one_shot=args.one_shot, gates=gates,
-                              recovery=Recovery(args.recovery), distill=distill, calib_seq_len=args.seq_len,
+        staged = StagedConfig(step_fraction=args.step_fraction, one_shot=args.one_shot, gradual=args.gradual,
+                              gates=gates, recovery=Recovery(args.recovery), distill=distill,
+                              calib_seq_len=args.seq_len,
                               lora_merge=args.lora_merge, restart=args.restart,
                               final_recovery_steps=max(0, args.final_recovery_steps),
                               resume=args.resume)

@@ -8,7 +8,10 @@ NVIDIA's Minitron and DistilBERT compress in steps and distill after each. Here:
    calibration rows when compressed with round-to-nearest).
 2. Each step takes the next units until it would remove more than ``step_fraction`` of the
    model's current size (exact bytes from :class:`~autocompress.compress.memory.MemoryModel`;
-   at least one unit per step). ``one_shot`` makes one step of everything.
+   at least one unit per step). ``one_shot`` makes one step of everything. ``gradual``
+   instead moves every unit a level at a time through intermediate choices (Minitron-style
+   iterative pruning: channels 0 -> 17% -> 34% -> 51%, bits 16 -> 8 -> 4 -> 3), sub-units
+   named ``block@level/levels``, weights distilled at a level carrying to the next.
 3. After a step the model is measured on a validation slice (perplexity and KL to the
    original) against :class:`Gates`, per step and in total. A failed gate triggers
    distillation (:mod:`~autocompress.compress.distill`); if the gate still fails the step
@@ -61,8 +64,9 @@ from .lora import MERGE_MODES, lora_parameters, merge_lora
 from .memory import MemoryModel
 from .prune import drop_blocks, set_submodule
 from .saving import load_compressed, save_compressed
-from .staging import (StageUnit, compress_step_, dropped_indices, next_step, physically_dropped, profile_scores,
-                      proxy_scores, reinsert_dropped, schedule_of, stage_units, unit_weight)
+from .staging import (StageUnit, base_name, compress_step_, dropped_indices, gradual_levels, gradual_plan,
+                      next_step, physically_dropped, profile_scores, proxy_scores, reinsert_dropped, schedule_of,
+                      stage_units, unit_level, unit_weight)
 from .storage import round_to_storage
 
 __all__ = ["Recovery", "Quality", "Gates", "StagedConfig", "StepRecord", "StagedResult", "StageUnit", "staged_apply",
@@ -130,7 +134,12 @@ class StagedConfig:
     distillation after pruning), kept only if it lowers the validation KL.
     ``split_failed``: a failed step of several units is retried with its more robust half
     (halving again on failure) until the offending unit is alone and frozen; otherwise the
-    whole step is frozen. ``lora_merge`` says how adapters end up in the saved model (see
+    whole step is frozen (a gradual unit at its previous level).
+    ``gradual``: a unit whose choice prunes heads or channels or quantizes moves there
+    through intermediate choices (ratios in equal shares of the final ratio, bits down the
+    ladder 16 -> 8 -> 4 -> 3 -> 2), every unit one level per step, as few levels as keep each
+    step within ``step_fraction``; channels and heads are re-scored on the current (distilled)
+    weights at every level. ``lora_merge`` says how adapters end up in the saved model (see
     :mod:`~autocompress.compress.lora`): ``keep`` (default) stores them as 16-bit tensors,
     and every size reported includes them; ``requantize`` keeps the schedule's size exactly.
     """
@@ -148,6 +157,7 @@ class StagedConfig:
     eval_batch_size: int = 2
     proxy_rows: int = 4
     split_failed: bool = True
+    gradual: bool = False
     final_recovery_steps: int = 0
     resume: bool = False
     restart: bool = False
@@ -309,14 +319,24 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
             rows = token_batch(calib, min(128, calib.numel()), config.proxy_rows)
             scores, source = proxy_scores(teacher, units, rows, fingerprint, config.batch_size), "proxy"
         order = sorted((u.name for u in units), key=lambda n: (scores[n], n))
+        levels = gradual_levels(memory, [by_name[n] for n in order], fingerprint, config.step_fraction) \
+            if config.gradual and not config.one_shot else 0
         state = {"schedule": schedule_hash(schedule), "model": fingerprint, "config": config.to_json(),
-                 "order": order, "order_source": source,
+                 "order": order, "order_source": source, "levels": levels,
                  "scores": {n: (None if math.isinf(s) else s) for n, s in scores.items()},
                  "original": {**_fmt(original), "bytes": memory.schedule_bytes(Schedule(fingerprint)),
                               "parameters": memory.schedule_parameters(Schedule(fingerprint))},
-                 "steps": [], "accepted": [], "frozen": [], "pending": order, "dropped": [],
+                 "steps": [], "accepted": [], "frozen": [], "pending": None, "dropped": [],
                  "current": _fmt(original), "complete": False, "final": None}
         write_artifact(state_path, STAGED_TYPE, STAGED_VERSION, state)
+    if bool(state.get("levels")) != (config.gradual and not config.one_shot):
+        raise UserError(f"{state_path} was made {'with' if state.get('levels') else 'without'} --gradual; "
+                        f"resume it the same way, or pass --restart")
+    if state.get("levels"):
+        plan, weights = gradual_plan(memory, [by_name[n] for n in state["order"]], fingerprint, state["levels"])
+        by_name.update({u.name: u for u in plan})
+    if state["pending"] is None:
+        state["pending"] = [u.name for u in plan] if state.get("levels") else list(state["order"])
     original = Quality(**{k: state["original"][k] for k in ("perplexity", "loss", "kl")})
     current = Quality(**state["current"])
     steps = [StepRecord(**s) for s in state["steps"]]
@@ -328,6 +348,8 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         pending = [by_name[n] for n in state["pending"]]
         adapter_bytes = 2 * lora_parameters(student)  # kept LoRA adapters, stored in 16 bits
         bytes_before = memory.schedule_bytes(schedule_of(fingerprint, accepted)) + adapter_bytes
+        if state.get("levels"):  # one level per step: every unit moves together
+            pending = [u for u in pending if unit_level(u.name) == unit_level(pending[0].name)]
         step = pending if config.one_shot else next_step(pending, weights, bytes_before, config.step_fraction)
         if state.get("max_units"):  # retrying the more robust half of a failed step
             step = step[: state["max_units"]]
@@ -365,6 +387,8 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
                 frozen = settled
                 state["frozen"] += frozen
                 state["max_units"] = None
+                # A gradual unit stays at its previous level: its later levels go too.
+                settled = settled + [n for n in state["pending"] if base_name(n) in {base_name(f) for f in frozen}]
                 console.print(f"step {number}: gate failed ({'; '.join(failures)}); rolled back, "
                               f"froze {len(frozen)}")
         else:

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from ..models import adapter_for
-from ..schedule import Choice, QuantMethod, Schedule
-from .apply import DroppedBlock, _compress_head, compress_block, compress_block_, needs_calibration
+from ..schedule import Choice, QuantMethod, Schedule, SparsityPattern
+from .apply import DroppedBlock, _compress_head, block_head_layout, compress_block, compress_block_, needs_calibration
 from .calibrate import capture_block_inputs, run_block
 from .memory import MemoryModel
-from .prune import drop_blocks, set_submodule
+from .prune import drop_blocks, kept_channels, kept_heads, set_submodule
 
 
 @dataclass(frozen=True)
@@ -189,13 +189,22 @@ def compress_step_(model: nn.Module, units: list[StageUnit], rows: torch.Tensor 
                    teacher: nn.Module, batch_size: int = 8) -> None:
     """Compress ``units`` of ``model`` in place, calibrating on the model as it is now.
 
-    A dropped block becomes a :class:`~autocompress.compress.apply.DroppedBlock` in place.
+    A dropped block becomes a :class:`~autocompress.compress.apply.DroppedBlock` in place. A
+    block compressed before (a gradual plan's earlier level) is taken from where it is to the
+    step's choice: head and channel counts as ``teacher``'s block would get them, importance
+    scored on its current weights.
     """
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     paths = list(adapter.linears.values())
     step = schedule_of(fingerprint, units)
     plans = {u.index: step.block_plan(adapter.blocks_path, u.index, paths) for u in units if u.index is not None}
+    # A block compressed at an earlier (gradual) level: ratios become ratios of what is left,
+    # and packed weights dense again, so pruning and re-quantizing act on the current weights.
+    originals = adapter.blocks(teacher)
+    for index, (choice, linears) in plans.items():
+        plans[index] = (relative_choice(choice, blocks[index], originals[index], model), linears)
+        densify_(blocks[index])
     head_choice = step.units.get(adapter.lm_head)
     head_gptq = head_choice is not None and head_choice.quantized and head_choice.method is QuantMethod.GPTQ
     needed = [i for i, (c, linears) in plans.items() if needs_calibration(c, linears)]
@@ -272,3 +281,130 @@ def reinsert_dropped(model: nn.Module, dropped: list[int], like: nn.Module) -> n
     if getattr(like.config, "layer_types", None) is not None:
         model.config.layer_types = list(like.config.layer_types)
     return model
+
+
+# ---------------------------------------------------------------------------------------
+# Gradual plans: a unit moves through intermediate choices (Minitron-style iterative pruning)
+
+BIT_LADDER = (8, 4, 3, 2)  # the allowed bits below 16, coarsest first
+
+
+def level_choice(choice: Choice, level: int, levels: int) -> Choice:
+    """``choice`` at ``level`` of ``levels``: head/channel ratios at ``level/levels`` of their
+    final value, bits down the ladder 16 -> 8 -> 4 -> 3 -> 2 (rungs spread evenly over the
+    levels). Drops, sparsity and 2:4 only arrive at the last level; the last level is ``choice``."""
+    if level >= levels or choice.drop:
+        return choice if level >= levels else Choice()
+    share = level / levels
+    rungs = [b for b in BIT_LADDER if b >= choice.bits] if choice.quantized else []
+    rung = math.ceil(share * len(rungs)) - 1
+    return replace(choice, bits=rungs[rung] if rung >= 0 else 16, head_ratio=choice.head_ratio * share,
+                   channel_ratio=choice.channel_ratio * share, sparsity=0.0,
+                   pattern=SparsityPattern.NONE)
+
+
+def level_unit(unit: StageUnit, level: int, levels: int) -> StageUnit:
+    """The sub-unit taking ``unit`` to ``level`` of ``levels`` (named ``name@level/levels``)."""
+    entries = {k: level_choice(c, level, levels) for k, c in unit.entries.items()}
+    return StageUnit(f"{unit.name}@{level}/{levels}", unit.index, entries)
+
+
+def base_name(name: str) -> str:
+    """The unit a (gradual) sub-unit name belongs to."""
+    return name.partition("@")[0]
+
+
+def unit_level(name: str) -> int:
+    """The level of a sub-unit name (0 for a whole unit)."""
+    _, at, rest = name.partition("@")
+    return int(rest.split("/")[0]) if at else 0
+
+
+def _level_removals(memory: MemoryModel, units: list[StageUnit], levels: int,
+                    fingerprint: str) -> list[tuple[int, int]]:
+    """(bytes before, bytes after) of each level when every unit moves together."""
+    sizes = [memory.schedule_bytes(schedule_of(fingerprint, [level_unit(u, k, levels) for u in units]))
+             if k else memory.schedule_bytes(Schedule(fingerprint)) for k in range(levels + 1)]
+    return list(zip(sizes, sizes[1:]))
+
+
+def gradual_levels(memory: MemoryModel, units: list[StageUnit], fingerprint: str, fraction: float,
+                   most: int = 8) -> int:
+    """The fewest levels (at most ``most``) with every level removing at most ``fraction`` of the
+    size it starts from."""
+    for levels in range(1, most + 1):
+        if all(before - after <= fraction * before
+               for before, after in _level_removals(memory, units, levels, fingerprint)):
+            return levels
+    return most
+
+
+def gradual_plan(memory: MemoryModel, units: list[StageUnit], fingerprint: str,
+                 levels: int) -> tuple[list[StageUnit], dict[str, float]]:
+    """Sub-units, level by level (each level in ``units``' order), and the bytes each removes.
+
+    A sub-unit that changes no size before the last level (a head ratio rounding to the
+    same head count, bits already at that rung) is left out; one that already reaches the
+    final size (and has no sparsity to come) takes the final choice and ends the unit. The
+    last level always stays, weighed as :func:`unit_weight` when it removes no bytes (sparsity).
+    """
+    plan, weights, done = [], {}, set()
+    for level in range(1, levels + 1):
+        for unit in units:
+            if unit.name in done:
+                continue
+            sub = level_unit(unit, level, levels)
+            final = schedule_of(fingerprint, [unit])
+            if (level < levels and all(c.pattern is SparsityPattern.NONE for c in unit.entries.values())
+                    and memory.schedule_bytes(schedule_of(fingerprint, [sub])) == memory.schedule_bytes(final)):
+                # Same counts and bits as the final choice already: this level is the last one.
+                sub, _ = StageUnit(sub.name, unit.index, dict(unit.entries)), done.add(unit.name)
+            previous = schedule_of(fingerprint, [level_unit(unit, level - 1, levels)]) if level > 1 \
+                else Schedule(fingerprint)
+            removed = memory.schedule_bytes(previous) - memory.schedule_bytes(schedule_of(fingerprint, [sub]))
+            if removed <= 0 and level < levels:
+                continue
+            plan.append(sub)
+            weights[sub.name] = float(removed) if removed > 0 else unit_weight(memory, unit, fingerprint)
+    return plan, weights
+
+
+def relative_choice(choice: Choice, block: nn.Module, original: nn.Module, model: nn.Module) -> Choice:
+    """``choice`` (ratios of the original block) as ratios of ``block`` as it is now, so a
+    block already pruned at an earlier level ends with exactly the final head and channel counts."""
+    if choice.drop or (choice.channel_ratio == 0 and choice.head_ratio == 0):
+        return choice
+    adapter = adapter_for(model)
+    changes = {}
+    if choice.channel_ratio > 0:
+        now = adapter.mlp_channels(block)
+        target = kept_channels(adapter.mlp_channels(original), choice.channel_ratio)
+        changes["channel_ratio"] = (now - target) / now if target < now else 0.0
+    if choice.head_ratio > 0:
+        now = block_head_layout(block, adapter, model.config).num_kv_heads
+        target = kept_heads(block_head_layout(original, adapter, model.config), choice.head_ratio).num_kv_heads
+        changes["head_ratio"] = (now - target) / now if target < now else 0.0
+    return replace(choice, **changes)
+
+
+@torch.no_grad()
+def densify_(block: nn.Module) -> None:
+    """Replace quantized linears (and LoRA wrappers) in ``block`` by dense ones holding their
+    dequantized weight (plus the adapters' update), so a later level can prune or re-quantize them."""
+    from .lora import LoRAQuantLinear  # noqa: PLC0415
+    from .quantize import QuantLinear  # noqa: PLC0415
+
+    for name, module in list(block.named_modules()):
+        if isinstance(module, LoRAQuantLinear):
+            weight = module.dense_base() + module.delta_weight().float()
+            base = module.base
+        elif isinstance(module, QuantLinear):
+            weight, base = module.dequantized_weight(), module
+        else:
+            continue
+        dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        dense.weight.data.copy_(weight)
+        if base.bias is not None:
+            dense.bias.data.copy_(base.bias.detach())
+        dense.requires_grad_(False)
+        set_submodule(block, name, dense)
