@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
+import pytest
 import torch
 
 from autocompress.compress.apply import apply
@@ -12,6 +14,7 @@ from autocompress.compress.quantize import QuantLinear
 from autocompress.compress.staged import Gates, Recovery, StagedConfig, staged_apply
 from autocompress.compress.staging import gradual_levels, gradual_plan, level_choice, stage_units
 from autocompress.compress.tiny_models import random_tokens, tiny_model
+from autocompress.errors import UserError
 from autocompress.models import adapter_for, model_fingerprint
 from autocompress.schedule import Choice, PruneScore, Schedule
 
@@ -104,3 +107,32 @@ def test_a_failed_level_keeps_the_unit_at_its_previous_level(tmp_path):
     q = result.model.model.layers[0].self_attn.q_proj
     assert isinstance(q, QuantLinear) and q.bits == kept.bits
     assert torch.isfinite(torch.tensor(result.final.perplexity))
+
+
+def test_an_interrupted_gradual_run_resumes_at_the_next_level(tmp_path):
+    def schedule_for(model):
+        return Schedule.uniform(model, Choice(channel_ratio=0.5, score=PruneScore.WANDA),
+                                fingerprint=model_fingerprint(model))
+
+    config = _config(step_fraction=0.2, recovery=Recovery.NEVER)
+    reference = tiny_model("llama", layers=2)
+    full = staged_apply(reference, schedule_for(reference), CALIB, VALID, config, tmp_path / "full")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_one(record):
+        if record.index == 1:
+            raise Interrupt
+
+    model = tiny_model("llama", layers=2)
+    with pytest.raises(Interrupt):
+        staged_apply(model, schedule_for(model), CALIB, VALID, config, tmp_path / "run", on_step=stop_after_one)
+    fresh = tiny_model("llama", layers=2)
+    with pytest.raises(UserError, match="gradual"):
+        staged_apply(fresh, schedule_for(fresh), CALIB, VALID, replace(config, resume=True, gradual=False),
+                     tmp_path / "run")
+    resumed = staged_apply(fresh, schedule_for(fresh), CALIB, VALID, replace(config, resume=True), tmp_path / "run")
+    assert [s.units for s in resumed.steps] == [s.units for s in full.steps] and len(full.steps) > 1
+    assert resumed.final_bytes == full.final_bytes
+    assert resumed.final.perplexity == pytest.approx(full.final.perplexity, rel=1e-4)
