@@ -56,6 +56,12 @@ def test_each_level_removes_at_most_the_fraction():
         size -= removed
     assert size == memory.schedule_bytes(schedule)
 
+    with_head = Schedule(fp, {**schedule.units, "lm_head": Choice(bits=4, group_size=32)})
+    units = stage_units(model, with_head)
+    plan, _ = gradual_plan(memory, units, fp, gradual_levels(memory, units, fp, 0.1))
+    heads = [u for u in plan if u.index is None]  # compressed once, with its final choice, last
+    assert [u.entries for u in heads] == [{"lm_head": with_head.units["lm_head"]}] and plan[-1] is heads[0]
+
 
 def test_gradual_run_reaches_the_final_shapes_and_bytes_through_monotone_steps(tmp_path):
     model = tiny_model("llama", layers=3)

@@ -323,7 +323,10 @@ def unit_level(name: str) -> int:
 def _level_removals(memory: MemoryModel, units: list[StageUnit], levels: int,
                     fingerprint: str) -> list[tuple[int, int]]:
     """(bytes before, bytes after) of each level when every unit moves together."""
-    sizes = [memory.schedule_bytes(schedule_of(fingerprint, [level_unit(u, k, levels) for u in units]))
+    def at(unit: StageUnit, k: int) -> StageUnit:  # the output head moves at the last level only
+        return level_unit(unit, k if unit.index is not None or k == levels else 0, levels)
+
+    sizes = [memory.schedule_bytes(schedule_of(fingerprint, [at(u, k) for u in units]))
              if k else memory.schedule_bytes(Schedule(fingerprint)) for k in range(levels + 1)]
     return list(zip(sizes, sizes[1:]))
 
@@ -343,16 +346,17 @@ def gradual_plan(memory: MemoryModel, units: list[StageUnit], fingerprint: str,
                  levels: int) -> tuple[list[StageUnit], dict[str, float]]:
     """Sub-units, level by level (each level in ``units``' order), and the bytes each removes.
 
-    A sub-unit that changes no size before the last level (a head ratio rounding to the
-    same head count, bits already at that rung) is left out; one that already reaches the
-    final size (and has no sparsity to come) takes the final choice and ends the unit. The
-    last level always stays, weighed as :func:`unit_weight` when it removes no bytes (sparsity).
+    The output head takes its final choice at the last level only. A sub-unit that changes
+    no size before the last level (a head ratio rounding to the same head count, bits
+    already at that rung) is left out; one that already reaches the final size (and has no
+    sparsity to come) takes the final choice and ends the unit. The last level always
+    stays, weighed as :func:`unit_weight` when it removes no bytes (sparsity).
     """
     plan, weights, done = [], {}, set()
     for level in range(1, levels + 1):
         for unit in units:
-            if unit.name in done:
-                continue
+            if unit.name in done or (unit.index is None and level < levels):
+                continue  # the output head is compressed once, at the last level
             sub = level_unit(unit, level, levels)
             final = schedule_of(fingerprint, [unit])
             if (level < levels and all(c.pattern is SparsityPattern.NONE for c in unit.entries.values())
