@@ -3,7 +3,8 @@
 (a) Structured pruning of about 30% of the parameters (the same MLP-channel ratio in every
     block, Wanda importance): one shot without recovery, one shot followed by a distillation
     budget of B steps, and staged (at most --step-fraction of the size per step, most robust
-    blocks first) with the same B steps split over its steps. Gates are off here so all three
+    blocks first; or --gradual: every block moves through intermediate channel ratios, one
+    level per step) with the same B steps split over its steps. Gates are off here so all three
     end at exactly the same size.
 (b) Quantization at 3 bits (uniform RTN, group 128): no recovery vs LoRA recovery (rank 8,
     B steps, norms trained too), with the adapters kept in 16 bits (their bytes counted) and
@@ -14,6 +15,8 @@ and the staged gates use the calibration split only (validation slice held aside
 
     .venv/bin/python bench/staged.py --threads 1                 # both parts
     .venv/bin/python bench/staged.py --part b --kd-steps 30      # smaller
+    .venv/bin/python bench/staged.py --part a-staged --gradual --final-share 0.5 --kd-steps 48
+        # staged variant only, every block through channel ratios 17% -> 34% -> 51%
 """
 from __future__ import annotations
 
