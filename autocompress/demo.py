@@ -41,7 +41,7 @@ class DemoConfig:
     role_tokens: int = 2048
     trials: int = 40
     calib_tokens: int = 4096
-    eval_tokens: int = 4096
+    eval_tokens: int = 16384
     window: int = 512
 
 

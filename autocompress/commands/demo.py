@@ -18,7 +18,7 @@ def register(verbs) -> None:
     demo.add_argument("--trials", type=positive_int, default=40, help="search trials (default 40)")
     demo.add_argument("--profile-tokens", type=positive_int, default=512,
                       help="calibration tokens the profile measures (default 512)")
-    demo.add_argument("--tokens", type=positive_int, default=4096, help="evaluation tokens (default 4096)")
+    demo.add_argument("--tokens", type=positive_int, default=16384, help="evaluation tokens (default 16384)")
     demo.add_argument("--reports", default="reports", help="where the report is copied (default reports/)")
     add_threads(demo)
     demo.set_defaults(run=run)
