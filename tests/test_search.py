@@ -201,15 +201,22 @@ def _cli(run_dir: Path, *extra: str, budget: str = "memory=45%") -> list[str]:
             "--no-progress", "--measure", "4", *extra]
 
 
-def test_sigkill_then_resume_loses_no_completed_trial(run_dir, tmp_path):
-    url = f"sqlite:///{tmp_path}/kill.db"
+def _storage(kind: str, tmp_path, stem: str) -> tuple[str, Path]:
+    """An Optuna storage URL of ``kind`` (sqlite or journal file) under ``tmp_path``, and its file."""
+    file = tmp_path / (f"{stem}.db" if kind == "sqlite" else f"{stem}.journal")
+    return (f"sqlite:///{file}" if kind == "sqlite" else str(file)), file
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_sigkill_then_resume_loses_no_completed_trial(run_dir, tmp_path, kind):
+    url, file = _storage(kind, tmp_path, "kill")
     proc = subprocess.Popen(_cli(run_dir, "--trials", "500", "--storage", url),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         time.sleep(1)
         try:
-            if (tmp_path / "kill.db").exists() and _count_finished(url) >= 8:
+            if file.exists() and _count_finished(url) >= 8:
                 break
         except UserError:  # the worker is still creating the tables
             continue
@@ -229,8 +236,9 @@ def test_sigkill_then_resume_loses_no_completed_trial(run_dir, tmp_path):
     assert states.count("FAIL") <= 1 and "RUNNING" not in states  # only the trial running at the kill failed
 
 
-def test_two_workers_finish_exactly_the_requested_trials(run_dir, tmp_path):
-    url = str(tmp_path / "two.journal")
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_workers_finish_exactly_the_requested_trials(run_dir, tmp_path, kind):
+    url, _ = _storage(kind, tmp_path, "two")
     done = subprocess.run(_cli(run_dir, "--trials", "16", "--storage", url, "--workers", "2"),
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
