@@ -34,7 +34,7 @@ from autocompress.models import load_model
 from autocompress.profile.artifact import Profile
 from autocompress.search.decisions import build_slots, to_schedule
 from autocompress.search.space import load_space
-from autocompress.search.study import SearchSettings, profile_data_spec, search
+from autocompress.search.study import SearchSettings, search
 
 SCENARIOS = ("quant-only:avg-bits=3.5", "quant-only:avg-bits=3.0", "default:memory=50%")
 
@@ -72,7 +72,7 @@ def main() -> None:
     from autocompress.models import model_fingerprint
 
     fingerprint = model_fingerprint(model)
-    data = profile_data_spec(profile)
+    data = profile.data
     eval_tokens = load_tokens(data, tokenizer, "evaluation", args.eval_tokens).tokens
     calibration = load_tokens(data, tokenizer, "calibration", 2048).tokens
     tick = time.perf_counter()

@@ -96,8 +96,7 @@ def apply_run(config: ApplyConfig) -> ApplyResult:
     schedule = Schedule.load(schedule_path)
     profile = Profile.load(run_dir / "profile.json") if (run_dir / "profile.json").exists() else None
     spec = _model_spec(config, schedule, schedule_path, profile)
-    # profile.json describes its data as "SPEC (split)"
-    profile_data = profile.data.split(" (")[0] if profile is not None and profile.data != "tokens" else None
+    profile_data = profile.data if profile is not None and profile.data != "tokens" else None
     data = config.data or schedule.meta.get("data") or profile_data or "stdlib-docs"
 
     loaded = load_model(spec, trust_remote_code=config.trust_remote_code)

@@ -23,7 +23,6 @@ together at exactly N.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -131,11 +130,6 @@ class Context:
         return self.budget.cost.to_figures(raw)
 
 
-def profile_data_spec(profile) -> str:
-    """The data spec a profile was measured on (``"stdlib-docs (calibration)"`` names the split too)."""
-    return re.sub(r" \((calibration|evaluation)\)$", "", profile.data)
-
-
 def prepare(settings: SearchSettings, *, model=None, tokenizer=None, holdout=None, calibration=None) -> Context:
     """Read the profile, load model and tokens, build slots and prices; refuse infeasible budgets."""
     import torch  # noqa: PLC0415
@@ -172,7 +166,7 @@ def prepare(settings: SearchSettings, *, model=None, tokenizer=None, holdout=Non
     base, tables = budget.cost.slot_costs(slots)
     budget.check_feasible(base, tables)
     predictor = AdditivePredictor(slots, profile)
-    data = profile_data_spec(profile)
+    data = profile.data
     holdout_meta = {"data": data, "split": "calibration", "start": profile.calibration_tokens,
                     "tokens": settings.holdout_tokens, "window": settings.window}
     if holdout is None:

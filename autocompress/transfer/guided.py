@@ -99,7 +99,7 @@ def guided_profile_run(model_spec: str, out_dir: str | Path, predict: str, *, fr
     wanted = max(settings.tokens, settings.role_tokens if settings.roles else 0)
     stream = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, wanted)
     profile = guided_profile(loaded, stream, space, settings, predictor, fraction=fraction, model_name=model_spec,
-                             data_name=f"{data} (calibration)", model_fp=model_fingerprint(loaded.model))
+                             data_name=data, model_fp=model_fingerprint(loaded.model))
     profile.save(path)
     return ProfileOutcome(profile, path, False)
 
