@@ -142,6 +142,26 @@ def _codes_planes(row, k0, mask_n, row_bytes, BITS: tl.constexpr, BLOCK_K: tl.co
 
 
 @triton.jit
+def _accumulate(x_ptr, packed_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, k_start, k_stop, M, N, K, row_bytes,
+                stride_xm, stride_xk, stride_pn, stride_sn, stride_sg,
+                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IEEE_FP32: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PLANES: tl.constexpr):
+    """fp32 sum over K tiles [k_start, k_stop) of x tile @ dequantized W tile (the loop both kernels share)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+        b = _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, row_bytes,
+                          stride_pn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K, BLOCK_N, PLANES).to(a.dtype)
+        if IEEE_FP32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, row_bytes,
                  stride_xm, stride_xk, stride_pn, stride_sn, stride_sg, stride_om, stride_on,
                  M_BUCKET,  # only an autotuning key: one tuning per power-of-two M
@@ -161,17 +181,9 @@ def _gemm_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, row
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
-        b = _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, row_bytes,
-                          stride_pn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K, BLOCK_N, PLANES).to(a.dtype)
-        if IEEE_FP32:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+    acc = _accumulate(x_ptr, packed_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, 0, K, M, N, K, row_bytes,
+                      stride_xm, stride_xk, stride_pn, stride_sn, stride_sg,
+                      BITS, GROUP_SIZE, IEEE_FP32, BLOCK_M, BLOCK_N, BLOCK_K, PLANES)
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -192,17 +204,9 @@ def _splitk_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, r
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
-        b = _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, row_bytes,
-                          stride_pn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K, BLOCK_N, PLANES).to(a.dtype)
-        if IEEE_FP32:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+    acc = _accumulate(x_ptr, packed_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, k_start, k_stop, M, N, K, row_bytes,
+                      stride_xm, stride_xk, stride_pn, stride_sn, stride_sg,
+                      BITS, GROUP_SIZE, IEEE_FP32, BLOCK_M, BLOCK_N, BLOCK_K, PLANES)
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.atomic_add(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
