@@ -89,6 +89,8 @@ def main() -> None:
                         help="share of the staged budget kept for a final recovery after the last step")
     parser.add_argument("--gradual", action="store_true",
                         help="staged variant moves every block through intermediate channel ratios")
+    parser.add_argument("--fade", action="store_true",
+                        help="staged variant fades what each step removes over its distillation, then cuts it")
     parser.add_argument("--skip-original", action="store_true", help="do not evaluate the original")
     parser.add_argument("--kd-steps", type=int, default=60, help="distillation budget B (steps)")
     parser.add_argument("--kd-batch", type=int, default=2)
@@ -161,11 +163,12 @@ def main() -> None:
         config = StagedConfig(step_fraction=args.step_fraction, gates=Gates(step_ppl_increase=None),
                               recovery=Recovery.ALWAYS, distill=replace(kd, steps=per_step), calib_seq_len=256,
                               calib_rows=16, eval_window=256, final_recovery_steps=final,
-                              gradual=args.gradual)
+                              gradual=args.gradual, fade=args.fade)
         with tempfile.TemporaryDirectory() as run_dir:
             staged = staged_apply(copy.deepcopy(original), schedule, calib, valid, config, run_dir, fingerprint=fp)
         budget = f"{steps} x {per_step}" + (f" + final {final}" if final else "")
-        name = f"staged{' gradual' if args.gradual else ''} ({len(staged.steps)} steps) + KD ({budget} steps)"
+        kind = " ".join(k for k, on in (("gradual", args.gradual), ("faded", args.fade)) if on)
+        name = f"staged{' ' + kind if kind else ''} ({len(staged.steps)} steps) + KD ({budget} steps)"
         record("a", name, staged.model,
                ppl(staged.model), time.perf_counter() - tick,
                {"steps": [{"units": len(s.units), "first_unit": s.units[0], "valid_ppl_after": s.after["perplexity"],

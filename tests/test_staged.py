@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -217,6 +218,12 @@ def test_cli_apply_staged_end_to_end(tmp_path, tokenizer, capsys):
     assert "--restart" in capsys.readouterr().err
     assert main(argv + ["--overwrite", "--restart"]) == 0
     capsys.readouterr()
+    assert main(argv + ["--overwrite", "--restart", "--fade"]) == 0
+    capsys.readouterr()
+    steps = json.loads((run / "staged.json").read_text())["data"]["steps"]
+    assert [bool(s["recovery"] and s["recovery"].get("fade")) for s in steps if "layers.2" in s["units"][0]] == [True]
+    assert main(["apply", str(run), "--fade"]) == 2  # fading is a staged option
+    assert "add --staged" in capsys.readouterr().err
 
     one_shot = ["apply", str(run), "--out", str(tmp_path / "one"), "--calib-tokens", "1024", "--valid-tokens", "512",
                 "--seq-len", "64", "--threads", "1"]

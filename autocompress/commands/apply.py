@@ -57,6 +57,9 @@ def register(verbs) -> None:
     staged.add_argument("--one-shot", action="store_true", help="one step with everything (gates still apply)")
     staged.add_argument("--gradual", action="store_true",
                         help="move every unit through intermediate head/channel ratios and bits, one level per step")
+    staged.add_argument("--fade", action="store_true",
+                        help="scale what a step removes (heads, channels, blocks) down to zero over its "
+                             "distillation before cutting it; that distillation is the step's recovery")
     staged.add_argument("--gate-kl", type=_non_negative, help="max KL-to-original increase per step")
     staged.add_argument("--gate-ppl-increase", type=_non_negative, default=0.25,
                         help="max relative perplexity increase per step (default 0.25; 0 with --no-step-gate)")
@@ -106,9 +109,9 @@ def run(args) -> int:
                               calib_seq_len=args.seq_len,
                               lora_merge=args.lora_merge, restart=args.restart,
                               final_recovery_steps=max(0, args.final_recovery_steps),
-                              resume=args.resume)
-    elif args.resume or args.restart:
-        raise UserError("--resume and --restart are about staged runs; add --staged")
+                              resume=args.resume, fade=args.fade)
+    elif args.resume or args.restart or args.fade:
+        raise UserError("--resume, --restart and --fade are about staged runs; add --staged")
     result = apply_run(ApplyConfig(run_dir=Path(args.run_dir), schedule=Path(args.schedule) if args.schedule else None,
                                    out=Path(args.out) if args.out else None, model=args.model, data=args.data,
                                    calib_tokens=args.calib_tokens, valid_tokens=args.valid_tokens,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -179,14 +180,16 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, config: DistillConfig, *,
-            progress: bool = True, add_adapters: bool = True) -> DistillResult:
+            progress: bool = True, add_adapters: bool = True,
+            before_step: Callable[[int, int], None] | None = None) -> DistillResult:
     """Train ``student`` to match ``teacher`` on ``tokens`` [n, seq] for ``config.steps`` steps.
 
     Adds LoRA adapters to the student's quantized linears first (``config.lora_rank`` > 0 and
     ``add_adapters``); they stay in place afterwards, for :func:`~autocompress.compress.lora.merge_lora`.
     Trained dense weights are rounded to their 16-bit storage type at the end, so the model
     equals its saved form. Both models must have the same block count (dropped blocks stand
-    in place as identities while staging).
+    in place as identities while staging). ``before_step(i, steps)`` runs before step ``i``
+    (fading uses it to lower its scale).
     """
     if tokens.dim() != 2:
         raise ValueError("distill needs token rows [n, seq]")
@@ -214,7 +217,9 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, config
     start = time.perf_counter()
     try:
         with progress_bar("distilling", config.steps, progress) as advance:
-            for _ in range(config.steps):
+            for index in range(config.steps):
+                if before_step is not None:
+                    before_step(index, config.steps)
                 if config.seconds is not None and time.perf_counter() - start >= config.seconds:
                     break
                 rows = torch.randint(0, tokens.shape[0], (config.batch_size,), generator=generator)

@@ -60,6 +60,7 @@ from ..progress import console
 from ..schedule import Schedule
 from .calibrate import token_batch
 from .distill import DistillConfig, distill
+from .fade import fading, linear_ramp, plan_fades
 from .lora import MERGE_MODES, lora_parameters, merge_lora
 from .memory import MemoryModel
 from .prune import drop_blocks, set_submodule
@@ -142,6 +143,10 @@ class StagedConfig:
     weights at every level. ``lora_merge`` says how adapters end up in the saved model (see
     :mod:`~autocompress.compress.lora`): ``keep`` (default) stores them as 16-bit tensors,
     and every size reported includes them; ``requantize`` keeps the schedule's size exactly.
+    ``fade``: the heads, channels and blocks a step removes are first scaled down to zero
+    over the step's distillation (over its first ``fade_share``, see
+    :mod:`~autocompress.compress.fade`) and only then cut; that distillation is the step's
+    recovery, and more runs only when a gate fails.
     """
 
     step_fraction: float = 0.15
@@ -159,6 +164,8 @@ class StagedConfig:
     split_failed: bool = True
     gradual: bool = False
     final_recovery_steps: int = 0
+    fade: bool = False
+    fade_share: float = 0.75
     resume: bool = False
     restart: bool = False
     progress: bool = True
@@ -168,6 +175,8 @@ class StagedConfig:
             raise UserError("resume and restart exclude each other; pick one")
         if not 0 < self.step_fraction <= 1:
             raise UserError(f"step fraction must be in (0, 1], got {self.step_fraction}")
+        if not 0 < self.fade_share <= 1:
+            raise UserError(f"fade share must be in (0, 1], got {self.fade_share}")
         if self.lora_merge not in MERGE_MODES:
             raise UserError(f"lora merge must be one of {MERGE_MODES}, got {self.lora_merge!r}")
 
@@ -362,15 +371,29 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         saved = {i: copy.deepcopy(blocks[i]) for i in step_blocks}
         head_name = adapter_for(student).lm_head
         saved_head = (student.get_submodule(head_name), student.config.tie_word_embeddings)
+        faded = None
+        if config.fade:
+            fades = plan_fades(student, step, stat_rows, fingerprint, teacher, config.batch_size)
+            if fades:
+                saved.update({i: copy.deepcopy(blocks[i]) for i in range(len(blocks)) if i not in saved})
+                with fading(student, fades) as set_alpha:
+                    result = distill(student, teacher, train_rows, config.distill, progress=config.progress,
+                                     before_step=lambda i, n: set_alpha(linear_ramp(i, n, config.fade_share)))
+                merge_lora(student, config.lora_merge)
+                faded = {**result.to_json(), "fade": True}
         compress_step_(student, step, stat_rows, fingerprint, teacher, config.batch_size)
         after = _quality(student, teacher, valid, config)
         failures = config.gates.failures(before, after, original)
-        recovered, recovery = None, None
-        if config.recovery is Recovery.ALWAYS or (config.recovery is Recovery.ON_FAILURE and failures):
-            saved.update({i: copy.deepcopy(blocks[i]) for i in range(len(blocks)) if i not in step_blocks})
+        recovered, recovery = None, faded
+        if faded is not None:  # the fading distillation was this step's recovery; more only on a failed gate
+            recover = bool(failures) and config.recovery is not Recovery.NEVER
+        else:
+            recover = config.recovery is Recovery.ALWAYS or (config.recovery is Recovery.ON_FAILURE and bool(failures))
+        if recover:
+            saved.update({i: copy.deepcopy(blocks[i]) for i in range(len(blocks)) if i not in saved})
             result = distill(student, teacher, train_rows, config.distill, progress=config.progress)
             merge_lora(student, config.lora_merge)
-            recovery = result.to_json()
+            recovery = {**result.to_json(), **({"fade_steps": faded["steps"]} if faded else {})}
             recovered = _quality(student, teacher, valid, config)
             failures = config.gates.failures(before, recovered, original)
 
