@@ -18,9 +18,9 @@ from autocompress.schedule import Choice, Schedule
 from autocompress.search.budget import Budget
 from autocompress.search.space import load_space
 from autocompress.transfer import agnostic_choices, describe, repair, transfer_schedule, warm_start_schedules
-from autocompress.transfer.coordinates import model_coordinates
+from autocompress.transfer.coordinates import model_coordinates, profile_summary
 from autocompress.transfer.repair import no_upgrade_fits
-from autocompress.transfer.sensitivity import from_profile
+from autocompress.transfer.sensitivity import from_profile, from_summary
 
 
 def _kl(reference, model, tokens) -> float:
@@ -142,6 +142,41 @@ def test_transfer_between_granularities_matches_fused_roles():
     assert mapped["model.layers.3.mlp.gate_up_proj"].bits == 3  # mean of gate 2 and up 4
     assert mapped["model.layers.5.mlp.down_proj"].bits == 3
     assert memory.schedule_bytes(result) <= budget.limits[0].value
+
+
+def test_linear_summary_read_on_the_same_model_gives_back_its_kl():
+    # k_proj is much smaller than down_proj; reading a linear-grained summary on the model it came
+    # from must return the measured KLs (in units of the summary's scale), not KLs times unit size
+    llama = tiny_model("llama", layers=3)
+    coordinates = model_coordinates(llama)
+    names = [n for n, c in coordinates.items() if c.role in ("k", "down")]
+    assert len({round(coordinates[n].relative_size, 3) for n in names}) == 2
+    units = [UnitProfile(n, coordinates[n].block, role=coordinates[n].role, kl={"bits=2": 1.0 + i, "bits=3": 0.5})
+             for i, n in enumerate(names)]
+    profile = Profile("tiny", model_fingerprint(llama), "d", "d", "s", "s", "linear", 64, 0.0, {}, units)
+    summary = profile_summary(profile, coordinates)
+    table = from_summary(summary, coordinates, names)
+    for i, name in enumerate(names):
+        assert table.label_kl(name, "bits=2") == pytest.approx((1.0 + i) / summary["scale"], rel=1e-4)
+
+
+def test_neighbours_move_tied_linears_together():
+    from autocompress.search.decisions import build_slots
+    from autocompress.transfer.sensitivity import LossTable
+    from autocompress.transfer.transfer import neighbours
+
+    space = load_space("quant-linear")  # q/k/v and gate/up tied
+    llama = tiny_model("llama", layers=4)
+    uniform = Schedule(model_fingerprint(llama), {u: space.quant_choice(3) for u in space.units(llama)})
+    budget, memory, limit = _memory_budget(llama, uniform)
+    found = neighbours(uniform, llama, budget, space, LossTable(model_coordinates(llama), {}, "prior"), count=3)
+    assert len(found) == 3
+    slots = build_slots(space, llama)
+    for schedule in found:
+        assert memory.schedule_bytes(schedule) <= limit
+        assert all(len({schedule.units[u].bits for u in slot.members}) == 1 for slot in slots)
+        changed = [slot for slot in slots if schedule.units[slot.members[0]].bits != 3]
+        assert len(changed) == 2 and {schedule.units[c.members[0]].bits for c in changed} == {2, 4}
 
 
 def test_budget_below_the_minimum_is_one_clear_error(source, quant_space):

@@ -102,8 +102,8 @@ def model_shape(model) -> ModelShape:
 
 
 def profile_summary(profile, coordinates: dict[str, UnitCoordinates] | None = None) -> dict[str, Any]:
-    """The source profile reduced to what another model can use: per unit role, relative depth and
-    KL at each probe label, divided by one scale (the median positive KL) so ratios between labels
+    """The source profile reduced to what another model can use: per unit role, relative depth,
+    relative size and KL at each probe label, divided by one scale (the median positive KL) so ratios between labels
     and units survive but the model's absolute numbers do not."""
     values = sorted(v for u in profile.units for v in u.kl.values() if v > 0 and math.isfinite(v))
     scale = values[len(values) // 2] if values else 1.0
@@ -114,6 +114,7 @@ def profile_summary(profile, coordinates: dict[str, UnitCoordinates] | None = No
         role = coords.role if coords else unit.role
         depth = coords.relative_depth if coords else (unit.relative_depth or relative_depth(unit.block, blocks))
         units.append({"name": unit.name, "role": role, "relative_depth": round(depth, 6),
+                      "relative_size": round(coords.relative_size, 6) if coords else 1.0,
                       "kl": {label: (v / scale if math.isfinite(v) else None) for label, v in unit.kl.items()}})
     return {"model_fingerprint": profile.model_fingerprint, "labels": profile.labels(),
             "choices": profile.choices, "scale": scale, "units": units}

@@ -170,11 +170,20 @@ def interpolate_over_depth(points: list[tuple[float, float]], depth: float) -> f
     return ys[-1]
 
 
+def _summary_size(entry: dict, role: str) -> float:
+    # A same-role source unit's KL is read per unit of its own relative size (a SmolLM2 k_proj is
+    # a fifth of the mean linear, its KL is not that of a mean-sized unit); summaries written
+    # before sizes were stored, and cross-role stand-ins (scaled by their factor), count as size 1.
+    size = entry.get("relative_size", 1.0) if entry["role"] == role else 1.0
+    return size if isinstance(size, (int, float)) and size > 0 else 1.0
+
+
 def from_summary(summary: dict, coordinates: dict[str, UnitCoordinates], units: list[str]) -> LossTable:
     """The source model's normalised KL read at each target unit's role and relative depth.
 
-    Interpolation is in log KL (sensitivities span orders of magnitude), scaled by the target
-    unit's relative size: a unit twice the mean holds twice the weights that get perturbed.
+    Interpolation is in log KL (sensitivities span orders of magnitude) per unit of the source
+    unit's relative size, scaled by the target unit's relative size: a unit twice the mean holds
+    twice the weights that get perturbed.
     """
     entries = summary.get("units", [])
     kl: dict[str, dict[str, float]] = {}
@@ -186,8 +195,8 @@ def from_summary(summary: dict, coordinates: dict[str, UnitCoordinates], units: 
         labels = {label for e in candidates for label, v in e["kl"].items() if v is not None and v > 0}
         out = {}
         for label in labels:
-            points = [(e["relative_depth"], math.log(e["kl"][label])) for e in candidates
-                      if e["kl"].get(label) is not None and e["kl"][label] > 0]
+            points = [(e["relative_depth"], math.log(e["kl"][label] / _summary_size(e, coords.role)))
+                      for e in candidates if e["kl"].get(label) is not None and e["kl"][label] > 0]
             out[label] = factor * coords.relative_size * math.exp(interpolate_over_depth(points, coords.relative_depth))
         kl[name] = out
     return LossTable(coordinates, kl, "source-profile")

@@ -237,9 +237,13 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
 def neighbours(schedule: Schedule, model, budget, space, losses: LossTable, count: int = 4,
                units: list[str] | None = None) -> list[Schedule]:
     """Up to ``count`` schedules one swap away from ``schedule`` that still fit ``budget``:
-    the unit that gains most from one more bit takes it, paid by the unit that loses least
-    from one bit less (a different pair each time)."""
-    units = units if units is not None else space.units(model)
+    the slot that gains most from one more bit takes it, paid by the slot that loses least
+    from one bit less (a different pair each time). A slot is a unit, or the linears the
+    space ties together, which move as one (as the search moves them)."""
+    from ..search.decisions import build_slots  # noqa: PLC0415
+
+    wanted = set(units if units is not None else space.units(model))
+    groups = [s.members for s in build_slots(space, model) if set(s.members) <= wanted]
     bits = sorted(space.bits)
 
     def step(choice: Choice, direction: int) -> Choice | None:
@@ -250,23 +254,26 @@ def neighbours(schedule: Schedule, model, budget, space, losses: LossTable, coun
             return None
         return dataclasses.replace(choice, bits=bits[index])
 
+    def group_loss(members, choice: Choice) -> float:
+        return sum(losses.loss(u, choice) for u in members)
+
     ups, downs = [], []
-    for u in units:
-        now = schedule.units.get(u, Choice())
+    for members in groups:
+        now = schedule.units.get(members[0], Choice())
         up, down = step(now, 1), step(now, -1)
         if up is not None:
-            ups.append((losses.loss(u, now) - losses.loss(u, up), u, up))
+            ups.append((group_loss(members, now) - group_loss(members, up), members, up))
         if down is not None:
-            downs.append((losses.loss(u, down) - losses.loss(u, now), u, down))
+            downs.append((group_loss(members, down) - group_loss(members, now), members, down))
     ups.sort(key=lambda m: -m[0])
     downs.sort(key=lambda m: m[0])
     out: list[Schedule] = []
     seen = {tuple(sorted((k, v) for k, v in schedule.units.items()))}
-    for _, u_up, up in ups:
-        for _, u_down, down in downs:
-            if u_down == u_up:
+    for _, up_members, up in ups:
+        for _, down_members, down in downs:
+            if down_members == up_members:
                 continue
-            units_now = {**schedule.units, u_up: up, u_down: down}
+            units_now = {**schedule.units, **{u: up for u in up_members}, **{u: down for u in down_members}}
             candidate = dataclasses.replace(schedule, units={k: v for k, v in units_now.items() if v != Choice()})
             key = tuple(sorted(candidate.units.items()))
             if key in seen or not budget.fits(candidate):
