@@ -272,7 +272,9 @@ def run_worker(ctx: Context, study, *, progress=None) -> int:
 
     settings = ctx.settings
     correction = Correction(ctx.slots)
-    rng = np.random.default_rng(settings.seed + os.getpid())
+    # The study's own process draws its local moves from the seed alone (a run repeats); workers that
+    # join it mix in their process id, as their samplers do, so they do not all propose the same move.
+    rng = np.random.default_rng(settings.seed if settings.finalize else settings.seed + os.getpid())
     ran = 0
     labels = {slot.name: [o.label for o in slot.options] for slot in ctx.slots}
     while True:
