@@ -7,12 +7,14 @@
 2. Build the target: 6 blocks dropped (lowest block influence, never the first or last) and
    25% of MLP channels removed everywhere (Wanda scores), by ``apply`` + ``save_compressed``,
    loaded back with ``load_model(dir)``: 24 blocks of 1152 channels instead of 30 of 1536.
-3. Transfer the schedule (no profile of the target; its blocks aligned to the source's by block
-   influence from one forward pass on 1,024 tokens, and, for comparison, by relative depth
-   alone) to the target's uniform-3-bit size and compare perplexity with uniform 3-bit: the
-   budget must be met exactly (bytes <= limit, no single upgrade fits) and the transfer must win.
-4. Profile the target; report the sensitivity predictor's Spearman correlation on it (trained
+3. Profile the target; report the sensitivity predictor's Spearman correlation on it (trained
    on the source profile only, so the target is a model it was not trained on).
+4. For each of ``--budgets`` (the size of uniform N-bit, default 3 and 4): transfer the source
+   schedule allocated at that size (no profile of the target; its blocks aligned to the
+   source's by block influence from one forward pass on 1,024 tokens, and, for comparison, by
+   relative depth alone, and with the target's profile) and compare perplexity with uniform
+   N-bit: the budget must be met exactly (bytes <= limit, no slot's upgrade fits) and the
+   transfer must win. The source allocation is also measured on the source itself.
 5. Cold search vs search warm-started from the source schedule on the target, same trials, for
    each of ``--seeds``: the trial at which the warm search first reaches the cold search's final
    measured KL (the acceptance: at most half the trials).
@@ -185,8 +187,15 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--budgets", default="3,4",
+                        help="comma-separated bit widths: a budget at the size of uniform N-bit each (the first is "
+                             "the searches' budget)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated search seeds: a cold and a warm search each")
     parser.add_argument("--holdout-tokens", type=int, default=1024)
+    parser.add_argument("--measure", type=int, default=None,
+                        help="cap on measured trials per search (default: the trials; the search's own default, "
+                             "trials/8 + 8, stops measuring after about trial 14 of 30, so no later trial could "
+                             "count, and a warm start's enqueued trials use up the same cap)")
     parser.add_argument("--skip-search", action="store_true",
                         help="keep the search figures of the previous run in figures.json")
     parser.add_argument("--placements", default="",
@@ -198,13 +207,14 @@ def main() -> None:
         parser.error("--placements moves whole blocks; it needs --granularity block")
     args.work = args.work or f"/tmp/transfer-{args.granularity}"
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    budget_bits = [int(b) for b in args.budgets.split(",") if b.strip()]
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     figures: dict = {}
     if args.skip_search and (work / "figures.json").exists():
         previous = json.loads((work / "figures.json").read_text())
-        figures.update({k: v for k, v in previous.items() if k.startswith(("search", "warm_start"))})
+        figures.update({k: v for k, v in previous.items() if k == "search"})
     # quant-only without 8 bits: the bits this model's allocation really trades, at 3/4 of the profiling cost
     space_file = work / "space.yaml"
     space_file.write_text(f"name: bench-transfer\ngranularity: {args.granularity}\ngroup_size: 128\nmethod: rtn\n"
@@ -220,17 +230,31 @@ def main() -> None:
     source_profile = get_profile(source, work / "source" / "profile.json", calibration, space, args)
     log(f"source profile: {len(source_profile.units)} units ({time.perf_counter() - tick:.0f} s)")
     memory = MemoryModel.from_model(source.model)
-    uniform3 = Schedule.uniform(source.model, space.quant_choice(3))
-    budget = Budget.parse([f"memory={memory.schedule_bytes(uniform3)}b"], memory)
-    # the repair starts from uniform 3-bit on the space's own units (per linear at linear granularity)
-    start = Schedule(uniform3.fingerprint, {u: space.quant_choice(3) for u in space.units(source.model)})
-    allocated = repair(start, source.model, budget, space,
-                       from_profile(source_profile, model_coordinates(source.model)))
-    source_schedule = describe(allocated, source.model, source_profile)
-    source_schedule.save(work / "source" / "schedule.json")
     roles = slot_roles(space, source.model)
-    console.print(bits_table("source schedule (SmolLM2-135M): bits per block", {"source": source_schedule},
-                             roles, len(memory.blocks)))
+    source_schedules: dict[int, Schedule] = {}
+    figures["source"] = {}
+    for bits in budget_bits:
+        uniform = Schedule.uniform(source.model, space.quant_choice(bits))
+        budget = Budget.parse([f"memory={memory.schedule_bytes(uniform)}b"], memory)
+        # the repair starts from uniform N-bit on the space's own units (per linear at linear granularity)
+        start = Schedule(uniform.fingerprint, {u: space.quant_choice(bits) for u in space.units(source.model)})
+        allocated = repair(start, source.model, budget, space,
+                           from_profile(source_profile, model_coordinates(source.model)))
+        source_schedules[bits] = describe(allocated, source.model, source_profile)
+        source_schedules[bits].save(work / "source" / f"schedule-uniform{bits}.json")
+        console.print(bits_table(f"source schedule (SmolLM2-135M) at the size of uniform {bits}-bit",
+                                 {"source": source_schedules[bits]}, roles, len(memory.blocks)))
+        # does the allocation beat uniform on the model it was profiled on? (transfer cannot do better)
+        figures["source"][f"uniform{bits}"] = {
+            "perplexity_uniform": ppl(source.model, uniform, evaluation, args),
+            "perplexity_allocated": ppl(source.model, source_schedules[bits], evaluation, args),
+            "bits": bits_by_role(source_schedules[bits], roles, len(memory.blocks))}
+        log(f"on the source itself at uniform {bits}-bit size: uniform ppl "
+            f"{figures['source'][f'uniform{bits}']['perplexity_uniform']:.2f}, profile-allocated ppl "
+            f"{figures['source'][f'uniform{bits}']['perplexity_allocated']:.2f}")
+    # the first budget's schedule is the one the warm-started searches start from
+    source_schedule = source_schedules[budget_bits[0]]
+    source_schedule.save(work / "source" / "schedule.json")
 
     # 2. target: a structurally different model made from the source
     target_dir = make_target("smollm2-135m", source_profile, work / "target-model", calibration)
@@ -241,63 +265,8 @@ def main() -> None:
     channels = target_memory.blocks[0].channels
     figures["target"] = {"blocks": blocks, "mlp_channels": channels}
 
-    # 3. transfer at the size of uniform 3-bit, without profiling the target
-    uniform_t = Schedule.uniform(target.model, space.quant_choice(3))
-    limit = target_memory.schedule_bytes(uniform_t)
-    target_budget = Budget.parse([f"memory={limit}b"], target_memory)
-    tick = time.perf_counter()
-    # one forward pass of the target on 1,024 calibration tokens aligns its blocks to the source's
-    signature_tokens = load_tokens("stdlib-docs", target.tokenizer, "calibration", 1024).tokens
-    transferred = transfer_schedule(source_schedule, target.model, target_budget, space=space,
-                                    signature_tokens=signature_tokens)
-    transfer_seconds = time.perf_counter() - tick
-    alignment = transferred.meta["transfer"]["alignment"]
-    log(f"alignment by {alignment['by']}: target block -> source block {alignment.get('source_blocks')}")
-    plain = transfer_schedule(source_schedule, target.model, target_budget, space=space)
-    transferred.save(work / "transferred" / "schedule.json")
-    exact = no_slot_upgrade_fits(transferred, target_budget, space, target.model)
-    used = target_memory.schedule_bytes(transferred)
-    log(f"transfer ({transferred.meta['transfer']['losses']} losses): {transfer_seconds:.2f} s, {used:,} of "
-        f"{limit:,} bytes, no upgrade fits: {exact}")
-    console.print(bits_table(f"bits per target block ({blocks} blocks; source block per target block: "
-                             f"{alignment.get('source_blocks')})",
-                             {"transferred": transferred, "relative depth": plain}, roles, blocks))
-    rows = [("original target (16-bit)", None), ("uniform 3-bit g128", uniform_t),
-            ("transferred, relative depth", plain), ("transferred", transferred)]
-    table = Table(title=f"SmolLM2-135M (30 blocks) -> derived ({blocks} blocks, {channels} MLP channels), "
-                        f"{args.eval_tokens} eval tokens")
-    for column in ("schedule", "bytes", "perplexity"):
-        table.add_column(column, justify="left" if column == "schedule" else "right")
-    figures["perplexity"] = {}
-    for name, schedule in rows:
-        value = ppl(target.model, schedule, evaluation, args)
-        size = target_memory.schedule_bytes(schedule or Schedule("", {}))
-        figures["perplexity"][name] = value
-        table.add_row(name, f"{size:,}", f"{value:.2f}")
-        log(f"{name}: ppl {value:.2f}")
-    console.print(table)
-    if args.placements:
-        swaps = Table(title="one swap at the same size: block B at 2 bits, the last block at 4")
-        for column in ("block at 2 bits", "perplexity"):
-            swaps.add_column(column, justify="right")
-        figures["one_swap_perplexity"] = {}
-        for block in (int(b) for b in args.placements.split(",")):
-            units = {**uniform_t.units, f"model.layers.{block}": space.quant_choice(2),
-                     f"model.layers.{blocks - 1}": space.quant_choice(4)}
-            value = ppl(target.model, Schedule(uniform_t.fingerprint, units), evaluation, args)
-            figures["one_swap_perplexity"][block] = value
-            swaps.add_row(str(block), f"{value:.2f}")
-        console.print(swaps)
-    figures["transfer"] = {"bytes": used, "limit": limit, "no_upgrade_fits": exact, "seconds": transfer_seconds,
-                           "alignment": alignment.get("source_blocks"),
-                           "losses": transferred.meta["transfer"]["losses"],
-                           "granularity": args.granularity,
-                           "source_bits": bits_by_role(source_schedule, roles, len(memory.blocks)),
-                           "bits": bits_by_role(transferred, roles, blocks),
-                           "bits_relative_depth": bits_by_role(plain, roles, blocks)}
-    (work / "figures.json").write_text(json.dumps(figures, indent=1))
-
-    # 4. target profile and the predictor's Spearman on it
+    # 3. target profile (only for the comparison rows, the predictor and the search) and the
+    #    predictor's Spearman on it
     tick = time.perf_counter()
     run = work / "target-run"
     target_profile = get_profile(target, run / "profile.json", load_tokens(
@@ -308,13 +277,73 @@ def main() -> None:
     rho = predictor.spearman(target_profile)
     figures["predictor_spearman_on_target"] = rho
     log(f"predictor (trained on SmolLM2-135M only) on the derived model: Spearman overall {rho['overall']:.3f}, "
-        f"within a bit width {rho['within_label']:.3f} ({', '.join(f'{k}: {v:.2f}' for k, v in rho.items() if k.startswith('label:'))})")
-    with_profile = transfer_schedule(source_schedule, target.model, target_budget, space=space, profile=target_profile)
-    figures["perplexity"]["transferred + target profile"] = ppl(target.model, with_profile, evaluation, args)
-    log(f"transferred with the target's profile: ppl {figures['perplexity']['transferred + target profile']:.2f}")
-    figures["transfer"]["bits_with_target_profile"] = bits_by_role(with_profile, roles, blocks)
-    console.print(bits_table("bits per target block with the target's own profile", {"+ target profile": with_profile},
-                             roles, blocks))
+        f"within a bit width {rho['within_label']:.3f} "
+        f"({', '.join(f'{k}: {v:.2f}' for k, v in rho.items() if k.startswith('label:'))})")
+
+    # 4. per budget: transfer without the target's profile (by block signature, and by relative
+    #    depth alone), with it, and uniform of the same size
+    # one forward pass of the target on 1,024 calibration tokens aligns its blocks to the source's
+    signature_tokens = load_tokens("stdlib-docs", target.tokenizer, "calibration", 1024).tokens
+    figures["budgets"] = {}
+    table = Table(title=f"SmolLM2-135M (30 blocks) -> derived ({blocks} blocks, {channels} MLP channels), "
+                        f"{args.eval_tokens} eval tokens, {args.granularity} granularity")
+    for column in ("budget", "schedule", "bytes", "perplexity"):
+        table.add_column(column, justify="left" if column in ("budget", "schedule") else "right")
+    table.add_row("-", "original target (16-bit)", f"{target_memory.schedule_bytes(Schedule('', {})):,}",
+                  f"{ppl(target.model, None, evaluation, args):.2f}")
+    figures["perplexity_16bit"] = ppl(target.model, None, evaluation, args)
+    for bits in budget_bits:
+        uniform_t = Schedule.uniform(target.model, space.quant_choice(bits))
+        limit = target_memory.schedule_bytes(uniform_t)
+        target_budget = Budget.parse([f"memory={limit}b"], target_memory)
+        tick = time.perf_counter()
+        transferred = transfer_schedule(source_schedules[bits], target.model, target_budget, space=space,
+                                        signature_tokens=signature_tokens)
+        transfer_seconds = time.perf_counter() - tick
+        alignment = transferred.meta["transfer"]["alignment"]
+        log(f"alignment by {alignment['by']}: target block -> source block {alignment.get('source_blocks')}")
+        plain = transfer_schedule(source_schedules[bits], target.model, target_budget, space=space)
+        with_profile = transfer_schedule(source_schedules[bits], target.model, target_budget, space=space,
+                                         profile=target_profile)
+        transferred.save(work / "transferred" / f"schedule-uniform{bits}.json")
+        exact = no_slot_upgrade_fits(transferred, target_budget, space, target.model)
+        used = target_memory.schedule_bytes(transferred)
+        log(f"uniform {bits}-bit size: transfer ({transferred.meta['transfer']['losses']} losses) "
+            f"{transfer_seconds:.2f} s, {used:,} of {limit:,} bytes, no upgrade of a slot fits: {exact}")
+        console.print(bits_table(f"bits per target block at the size of uniform {bits}-bit",
+                                 {"transferred": transferred, "relative depth": plain, "+ target profile": with_profile},
+                                 roles, blocks))
+        entry = {"limit": limit, "bytes": used, "no_upgrade_fits": exact, "seconds": transfer_seconds,
+                 "alignment": alignment.get("source_blocks"), "losses": transferred.meta["transfer"]["losses"],
+                 "bits": bits_by_role(transferred, roles, blocks),
+                 "bits_relative_depth": bits_by_role(plain, roles, blocks),
+                 "bits_with_target_profile": bits_by_role(with_profile, roles, blocks), "perplexity": {}}
+        for name, schedule in ((f"uniform {bits}-bit g128", uniform_t), ("transferred, relative depth", plain),
+                               ("transferred", transferred), ("transferred + target profile", with_profile)):
+            value = ppl(target.model, schedule, evaluation, args)
+            entry["perplexity"][name] = value
+            table.add_row(f"uniform {bits}-bit size", name, f"{target_memory.schedule_bytes(schedule):,}",
+                          f"{value:.2f}")
+            log(f"uniform {bits}-bit size, {name}: ppl {value:.2f}")
+        entry["transfer_beats_uniform"] = entry["perplexity"]["transferred"] < entry["perplexity"][
+            f"uniform {bits}-bit g128"]
+        figures["budgets"][f"uniform{bits}"] = entry
+        (work / "figures.json").write_text(json.dumps(figures, indent=1))
+    console.print(table)
+    if args.placements:
+        uniform_t = Schedule.uniform(target.model, space.quant_choice(3))
+        swaps = Table(title="one swap at the size of uniform 3-bit: block B at 2 bits, the last block at 4")
+        for column in ("block at 2 bits", "perplexity"):
+            swaps.add_column(column, justify="right")
+        figures["one_swap_perplexity"] = {}
+        for block in (int(b) for b in args.placements.split(",")):
+            units = {**uniform_t.units, f"model.layers.{block}": space.quant_choice(2),
+                     f"model.layers.{blocks - 1}": space.quant_choice(4)}
+            value = ppl(target.model, Schedule(uniform_t.fingerprint, units), evaluation, args)
+            figures["one_swap_perplexity"][block] = value
+            swaps.add_row(str(block), f"{value:.2f}")
+        console.print(swaps)
+    limit = figures["budgets"][f"uniform{budget_bits[0]}"]["limit"]
     (work / "figures.json").write_text(json.dumps(figures, indent=1))
 
     # 5. cold vs warm-started search, per seed
@@ -332,7 +361,8 @@ def main() -> None:
                                           space=str(space_file), seed=seed,
                                           storage=f"sqlite:///{run}/study-{study}.db", study_name=study,
                                           warm_start=warm, progress=False, threads=args.threads,
-                                          holdout_tokens=args.holdout_tokens, calibration_tokens=512)
+                                          holdout_tokens=args.holdout_tokens, calibration_tokens=512,
+                                          measure=args.measure or args.trials)
                 results[name] = search(settings, model=target.model, tokenizer=target.tokenizer)
                 log(f"{study} search: {len(results[name].trials)} trials, {time.perf_counter() - tick:.0f} s")
 
@@ -345,7 +375,10 @@ def main() -> None:
                    "cold_reached_at": first_reaching(results["cold"].trials, cold_best),
                    "warm_reached_at": first_reaching(results["warm"].trials, cold_best),
                    "warm_best_kl": best("warm"),
-                   "uniform3_kl": next(r.measured_kl for r in results["cold"].trials if r.source == "uniform:bits=3"),
+                   "measured": {name: sum(r.measured_kl is not None for r in results[name].trials)
+                                for name in results},
+                   "uniform_kl": next((r.measured_kl for r in results["cold"].trials
+                                       if r.source == f"uniform:bits={budget_bits[0]}"), None),
                    "warm_start_trials_kl": [r.measured_kl for r in results["warm"].trials
                                             if r.source == "warm-start"],
                    "warm_start_trials_at": [i + 1 for i, r in enumerate(sorted(results["warm"].trials,
@@ -355,15 +388,16 @@ def main() -> None:
             per_seed.append(row)
             log(f"seed {seed}: cold final KL {cold_best:.4f} first at trial {row['cold_reached_at']}; warm reaches "
                 f"it at trial {row['warm_reached_at']} (warm best {row['warm_best_kl']:.4f})")
-        figures["search"] = {"trials": args.trials, "granularity": args.granularity, "seeds": per_seed,
+        figures["search"] = {"trials": args.trials, "measure_cap": args.measure or args.trials,
+                             "granularity": args.granularity, "seeds": per_seed,
                              "holds_for_every_seed": all(r["holds"] for r in per_seed)}
         search_table = Table(title=f"cold vs warm-started search on the derived model, {args.trials} trials each, "
                                    f"holdout KL ({args.holdout_tokens} tokens)")
-        for column in ("seed", "uniform 3-bit KL", "cold final KL", "cold first at", "warm reaches it at",
+        for column in ("seed", f"uniform {budget_bits[0]}-bit KL", "cold final KL", "cold first at", "warm reaches it at",
                        f"<= {args.trials // 2}?", "warm final KL"):
             search_table.add_column(column, justify="right")
         for r in per_seed:
-            search_table.add_row(str(r["seed"]), f"{r['uniform3_kl']:.4f}", f"{r['cold_best_kl']:.4f}",
+            search_table.add_row(str(r["seed"]), f"{r['uniform_kl']:.4f}" if r["uniform_kl"] is not None else "-", f"{r['cold_best_kl']:.4f}",
                                  str(r["cold_reached_at"]), str(r["warm_reached_at"]),
                                  "yes" if r["holds"] else "NO", f"{r['warm_best_kl']:.4f}")
         console.print(search_table)
