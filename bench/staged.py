@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--target", type=float, default=0.30, help="share of parameters to remove in (a)")
     parser.add_argument("--step-fraction", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the distillation's batch order and adapters")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default="/tmp/bench_staged.json", help="where to write the figures")
     args = parser.parse_args()
@@ -118,7 +119,7 @@ def main() -> None:
     stat_rows = token_batch(calib, 256, 16)
     train_rows = token_batch(calib, args.kd_seq)
     kd = DistillConfig(steps=args.kd_steps, batch_size=args.kd_batch, seq_len=args.kd_seq, lr=args.lr,
-                       lora_lr=args.lora_lr, lora_rank=args.lora_rank)
+                       lora_lr=args.lora_lr, lora_rank=args.lora_rank, seed=args.seed)
     results: dict = {"settings": vars(args), "rows": []}
 
     def ppl(model) -> float:
