@@ -71,6 +71,9 @@ def get_profile(loaded, path: Path, calibration, space, args) -> Profile:
         if profile.granularity != space.granularity.value:
             raise SystemExit(f"{path} holds a {profile.granularity}-grained profile; give --granularity "
                              f"{profile.granularity} or another --work")
+        missing = {label for label, _ in space.probe_choices()} - set(profile.labels())
+        if missing:
+            raise SystemExit(f"{path} lacks the probes {sorted(missing)}; give another --work")
         return profile
     settings = ProfileSettings(tokens=args.profile_tokens, seq_len=256, roles=False, additivity=False,
                                proxies=True, fisher_rows=4, progress=False)
@@ -187,6 +190,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--bits", default="2,3,4,16",
+                        help="bit widths of the search space (8 lets a uniform-4-bit budget trade 3 for 8 bits)")
     parser.add_argument("--budgets", default="3,4",
                         help="comma-separated bit widths: a budget at the size of uniform N-bit each (the first is "
                              "the searches' budget)")
@@ -215,10 +220,11 @@ def main() -> None:
     if args.skip_search and (work / "figures.json").exists():
         previous = json.loads((work / "figures.json").read_text())
         figures.update({k: v for k, v in previous.items() if k == "search"})
-    # quant-only without 8 bits: the bits this model's allocation really trades, at 3/4 of the profiling cost
+    # by default without 8 bits: at the size of uniform 3-bit the allocation trades 2/3/4 bits, at 3/4 of the
+    # profiling cost; a cached profile must hold a probe for each bit width asked for
     space_file = work / "space.yaml"
     space_file.write_text(f"name: bench-transfer\ngranularity: {args.granularity}\ngroup_size: 128\nmethod: rtn\n"
-                          f"bits: [2, 3, 4, 16]\n"
+                          f"bits: [{', '.join(str(int(b)) for b in args.bits.split(','))}]\n"
                           + ("tie: [[q, k, v], [gate, up]]\n" if args.granularity == "linear" else ""))
     space = load_space(str(space_file))
 
