@@ -83,8 +83,8 @@ def pruning_schedule(model, fp: str, target: float) -> tuple[Schedule, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["a", "a-staged", "b", "all"], default="all",
-                        help="a-staged: only the staged variant of (a)")
+    parser.add_argument("--part", choices=["a", "a-staged", "a-one-shot", "b", "all"], default="all",
+                        help="a-staged / a-one-shot: only the staged / one-shot variants of (a)")
     parser.add_argument("--final-share", type=float, default=0.0,
                         help="share of the staged budget kept for a final recovery after the last step")
     parser.add_argument("--gradual", action="store_true",
@@ -139,7 +139,7 @@ def main() -> None:
         tick = time.perf_counter()
         record("-", "original fp32 (16-bit size)", original, ppl(original), time.perf_counter() - tick)
 
-    if args.part in ("a", "a-staged", "all"):
+    if args.part in ("a", "a-staged", "a-one-shot", "all"):
         schedule, removed = pruning_schedule(original, fp, args.target)
         ratio = next(iter(schedule.units.values())).channel_ratio
         steps = step_count(original, schedule, args.step_fraction, args.gradual)
@@ -158,6 +158,7 @@ def main() -> None:
                    {"kd_first_loss": result.first_loss, "kd_last_loss": result.last_loss})
             del one_shot, student
 
+    if args.part in ("a", "a-staged", "all"):
         tick = time.perf_counter()
         final = int(round(args.kd_steps * args.final_share))
         per_step = max(1, (args.kd_steps - final) // steps)
