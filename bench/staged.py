@@ -15,6 +15,8 @@ and the staged gates use the calibration split only (validation slice held aside
 
     .venv/bin/python bench/staged.py --threads 1                 # both parts
     .venv/bin/python bench/staged.py --part b --kd-steps 30      # smaller
+    .venv/bin/python bench/staged.py --part a --gradual --final-share 0.5 --kd-steps 384 --seed 0
+        # the README's figures: one shot, one shot + 384 KD steps, staged gradual + the same 384
     .venv/bin/python bench/staged.py --part a-staged --gradual --final-share 0.5 --kd-steps 48
         # staged variant only, every block through channel ratios 17% -> 34% -> 51%
 """
