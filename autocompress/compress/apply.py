@@ -44,6 +44,33 @@ def block_head_layout(block: nn.Module, adapter: FamilyAdapter, config) -> HeadL
     return HeadLayout(num_heads, num_kv, head_dim)
 
 
+def heads_to_keep(block: nn.Module, adapter: FamilyAdapter, config, choice: Choice,
+                  o_input_sqnorm: torch.Tensor | None) -> tuple[HeadLayout, torch.Tensor] | None:
+    """``block``'s head layout and the key/value groups ``choice`` keeps, in index order (None
+    when it removes none), scored by :func:`~.prune.head_group_scores`."""
+    if choice.drop or choice.head_ratio <= 0:
+        return None
+    layout = block_head_layout(block, adapter, config)
+    target = kept_heads(layout, choice.head_ratio)
+    if target.num_kv_heads >= layout.num_kv_heads:
+        return None
+    o_weight = block.get_submodule(adapter.linears["o"]).weight
+    return layout, keep_top(head_group_scores(o_weight, o_input_sqnorm, layout, choice.score), target.num_kv_heads)
+
+
+def channels_to_keep(block: nn.Module, adapter: FamilyAdapter, choice: Choice,
+                     down_input_sqnorm: torch.Tensor | None) -> torch.Tensor | None:
+    """The MLP channels of ``block`` that ``choice`` keeps (None when it removes none)."""
+    if choice.drop or choice.channel_ratio <= 0:
+        return None
+    channels = adapter.mlp_channels(block)
+    keep = kept_channels(channels, choice.channel_ratio)
+    if keep >= channels:
+        return None
+    down_weight = block.get_submodule(adapter.linears["down"]).weight
+    return keep_top(channel_scores(down_weight, down_input_sqnorm, choice.score), keep)
+
+
 def _needs_norms(choice: Choice, linear_choices: dict[str, Choice]) -> bool:
     structural = (choice.head_ratio > 0 or choice.channel_ratio > 0) and choice.score is PruneScore.WANDA
     return structural or any(c.pattern is not SparsityPattern.NONE and c.score is PruneScore.WANDA
@@ -116,27 +143,18 @@ def compress_block_(block: nn.Module, model: nn.Module, choice: Choice, inputs: 
         stats = collect_stats(block, inputs, modules, gptq_paths, batch_size=batch_size)
 
     o_path, down_path = adapter.linears["o"], adapter.linears["down"]
-    if choice.head_ratio > 0:
-        layout = block_head_layout(block, adapter, model.config)
-        target = kept_heads(layout, choice.head_ratio)
-        if target.num_kv_heads < layout.num_kv_heads:
-            o_stats = stats.get(o_path)
-            scores = head_group_scores(block.get_submodule(o_path).weight, o_stats.sqnorm if o_stats else None,
-                                       layout, choice.score)
-            cols = prune_heads(block, adapter, layout, keep_top(scores, target.num_kv_heads))
-            if o_stats is not None:
-                stats[o_path] = o_stats.select(cols)
-    if choice.channel_ratio > 0:
-        channels = adapter.mlp_channels(block)
-        keep_count = kept_channels(channels, choice.channel_ratio)
-        if keep_count < channels:
-            down_stats = stats.get(down_path)
-            scores = channel_scores(block.get_submodule(down_path).weight,
-                                    down_stats.sqnorm if down_stats else None, choice.score)
-            keep = keep_top(scores, keep_count)
-            prune_channels(block, adapter, keep)
-            if down_stats is not None:
-                stats[down_path] = down_stats.select(keep)
+    o_stats = stats.get(o_path)
+    heads = heads_to_keep(block, adapter, model.config, choice, o_stats.sqnorm if o_stats else None)
+    if heads is not None:
+        cols = prune_heads(block, adapter, *heads)
+        if o_stats is not None:
+            stats[o_path] = o_stats.select(cols)
+    down_stats = stats.get(down_path)
+    keep = channels_to_keep(block, adapter, choice, down_stats.sqnorm if down_stats else None)
+    if keep is not None:
+        prune_channels(block, adapter, keep)
+        if down_stats is not None:
+            stats[down_path] = down_stats.select(keep)
 
     # Linears are compressed in the order the block runs them; a stage after a changed one
     # re-collects its statistics, so GPTQ (and Wanda) see the inputs the compressed block

@@ -32,8 +32,7 @@ from torch import nn
 
 from ..models import adapter_for
 from ..schedule import Choice, PruneScore
-from .apply import block_head_layout
-from .prune import channel_scores, head_group_scores, keep_top, kept_channels, kept_heads
+from .apply import channels_to_keep, heads_to_keep
 from .staging import StageUnit, relative_choice, schedule_of
 
 
@@ -52,9 +51,11 @@ class BlockFade:
         return not self.drop and self.channels is None and self.head_columns is None
 
 
-def _removed(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    kept = set(keep_top(scores, keep).tolist())
-    return torch.tensor([i for i in range(len(scores)) if i not in kept], dtype=torch.long)
+def _removed(kept: torch.Tensor, total: int) -> torch.Tensor:
+    """The indices below ``total`` not in ``kept``."""
+    mask = torch.ones(total, dtype=torch.bool)
+    mask[kept] = False
+    return mask.nonzero().flatten()
 
 
 @torch.no_grad()
@@ -113,22 +114,15 @@ def plan_fades(model: nn.Module, units: list[StageUnit], rows: torch.Tensor | No
     for index, choice in sorted(plans.items()):
         fade = BlockFade(index, drop=choice.drop)
         block = blocks[index]
-        if not choice.drop and choice.head_ratio > 0:
-            layout = block_head_layout(block, adapter, model.config)
-            target = kept_heads(layout, choice.head_ratio)
-            if target.num_kv_heads < layout.num_kv_heads:
-                scores = head_group_scores(block.get_submodule(o_path).weight, sqnorms.get(f"{index}.{o_path}"),
-                                           layout, choice.score)
-                groups = _removed(scores, target.num_kv_heads)
-                heads = (groups[:, None] * layout.group_size + torch.arange(layout.group_size)).reshape(-1)
-                fade.head_columns = (heads[:, None] * layout.head_dim + torch.arange(layout.head_dim)).reshape(-1)
-        if not choice.drop and choice.channel_ratio > 0:
-            channels = adapter.mlp_channels(block)
-            keep = kept_channels(channels, choice.channel_ratio)
-            if keep < channels:
-                scores = channel_scores(block.get_submodule(down_path).weight,
-                                        sqnorms.get(f"{index}.{down_path}"), choice.score)
-                fade.channels = _removed(scores, keep)
+        heads = heads_to_keep(block, adapter, model.config, choice, sqnorms.get(f"{index}.{o_path}"))
+        if heads is not None:
+            layout, groups = heads
+            heads_removed = (_removed(groups, layout.num_kv_heads)[:, None] * layout.group_size
+                             + torch.arange(layout.group_size)).reshape(-1)
+            fade.head_columns = (heads_removed[:, None] * layout.head_dim + torch.arange(layout.head_dim)).reshape(-1)
+        channels = channels_to_keep(block, adapter, choice, sqnorms.get(f"{index}.{down_path}"))
+        if channels is not None:
+            fade.channels = _removed(channels, adapter.mlp_channels(block))
         if not fade.empty:
             fades.append(fade)
     return fades

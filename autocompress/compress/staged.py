@@ -243,6 +243,11 @@ def _restore(model: nn.Module, saved_blocks: dict[int, nn.Module], head: tuple[n
     model.config.tie_word_embeddings = head[1]
 
 
+def _save_all(saved: dict[int, nn.Module], blocks) -> None:
+    """Add copies of the blocks not saved yet (distillation is about to train them all)."""
+    saved.update({i: copy.deepcopy(block) for i, block in enumerate(blocks) if i not in saved})
+
+
 def _flat(tokens) -> torch.Tensor:
     tokens = getattr(tokens, "tokens", tokens)
     return tokens.reshape(-1)
@@ -375,7 +380,7 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         if config.fade:
             fades = plan_fades(student, step, stat_rows, fingerprint, teacher, config.batch_size)
             if fades:
-                saved.update({i: copy.deepcopy(blocks[i]) for i in range(len(blocks)) if i not in saved})
+                _save_all(saved, blocks)  # distillation trains every block
                 with fading(student, fades) as set_alpha:
                     result = distill(student, teacher, train_rows, config.distill, progress=config.progress,
                                      before_step=lambda i, n: set_alpha(linear_ramp(i, n, config.fade_share)))
@@ -390,7 +395,7 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         else:
             recover = config.recovery is Recovery.ALWAYS or (config.recovery is Recovery.ON_FAILURE and bool(failures))
         if recover:
-            saved.update({i: copy.deepcopy(blocks[i]) for i in range(len(blocks)) if i not in saved})
+            _save_all(saved, blocks)
             result = distill(student, teacher, train_rows, config.distill, progress=config.progress)
             merge_lora(student, config.lora_merge)
             recovery = {**result.to_json(), **({"fade_steps": faded["steps"]} if faded else {})}
