@@ -84,8 +84,10 @@ def get_profile(loaded, path: Path, calibration, space, args) -> Profile:
     return profile
 
 
-def make_target(source_spec: str, profile: Profile, out: Path, calibration) -> Path:
-    """Drop the 6 blocks of lowest block influence (not first/last), prune 25% MLP channels."""
+def make_target(source_spec: str, profile: Profile, out: Path, calibration, recover_steps: int = 0) -> Path:
+    """Drop the 6 blocks of lowest block influence (not first/last), prune 25% MLP channels, then
+    (``recover_steps`` > 0) distill the result from the source for that many steps (logit KD,
+    2 x 128 tokens a step, dense weights and norms trained), as a pruned model is shipped."""
     if (out / "autocompress.json").exists():
         return out
     loaded = load_model(source_spec)
@@ -95,7 +97,18 @@ def make_target(source_spec: str, profile: Profile, out: Path, calibration) -> P
     units = {f"model.layers.{i}": Choice(drop=True) if i in dropped else Choice(channel_ratio=0.25)
              for i in range(len(influence))}
     schedule = Schedule(model_fingerprint(loaded.model), units)
+    teacher = copy.deepcopy(loaded.model) if recover_steps > 0 else None
     apply(loaded.model, schedule, calibration.tokens, seq_len=256, progress=False)
+    if teacher is not None:
+        from autocompress.compress.calibrate import token_batch  # noqa: PLC0415
+        from autocompress.compress.distill import DistillConfig, distill  # noqa: PLC0415
+
+        config = DistillConfig(steps=recover_steps, batch_size=2, seq_len=128, lr=1e-4, hidden_weight=0.0,
+                               lora_rank=0)
+        result = distill(loaded.model, teacher, token_batch(calibration.tokens, 128), config, progress=False)
+        log(f"target recovered: {result.steps} KD steps in {result.seconds:.0f} s, loss "
+            f"{result.first_loss:.3f} -> {result.last_loss:.3f}")
+        del teacher
     save_compressed(loaded.model, loaded.tokenizer, schedule, out)
     log(f"target: dropped blocks {dropped}, 25% MLP channels removed -> {out}")
     return out
@@ -206,6 +219,12 @@ def main() -> None:
     parser.add_argument("--placements", default="",
                         help="comma-separated target blocks: also measure uniform 3-bit with that block at 2 bits "
                              "and the last at 4 (the one-swap schedules of this budget)")
+    parser.add_argument("--recover-steps", type=int, default=0,
+                        help="distill the derived target from the source for this many steps before the transfer "
+                             "(0: the target straight from the operators)")
+    parser.add_argument("--check-tokens", type=int, default=2048,
+                        help="target calibration tokens the checked transfer measures its candidates on")
+    parser.add_argument("--check-count", type=int, default=6, help="exchanges the checked transfer measures")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.placements and args.granularity != "block":
@@ -263,7 +282,8 @@ def main() -> None:
     source_schedule.save(work / "source" / "schedule.json")
 
     # 2. target: a structurally different model made from the source
-    target_dir = make_target("smollm2-135m", source_profile, work / "target-model", calibration)
+    target_dir = make_target("smollm2-135m", source_profile, work / "target-model", calibration,
+                             args.recover_steps)
     del source
     target = load_model(str(target_dir))
     target_memory = MemoryModel.from_model(target.model)
@@ -290,6 +310,9 @@ def main() -> None:
     #    depth alone), with it, and uniform of the same size
     # one forward pass of the target on 1,024 calibration tokens aligns its blocks to the source's
     signature_tokens = load_tokens("stdlib-docs", target.tokenizer, "calibration", 1024).tokens
+    # the check measures the transfer and its best exchanges on the target's calibration text (never the
+    # evaluation split the perplexities below are measured on)
+    check_tokens = load_tokens("stdlib-docs", target.tokenizer, "calibration", args.check_tokens).tokens
     figures["budgets"] = {}
     table = Table(title=f"SmolLM2-135M (30 blocks) -> derived ({blocks} blocks, {channels} MLP channels), "
                         f"{args.eval_tokens} eval tokens, {args.granularity} granularity")
@@ -308,30 +331,47 @@ def main() -> None:
         transfer_seconds = time.perf_counter() - tick
         alignment = transferred.meta["transfer"]["alignment"]
         log(f"alignment by {alignment['by']}: target block -> source block {alignment.get('source_blocks')}")
+        tick = time.perf_counter()
+        checked = transfer_schedule(source_schedules[bits], target.model, target_budget, space=space,
+                                    signature_tokens=signature_tokens, check_tokens=check_tokens,
+                                    check_count=args.check_count)
+        check_seconds = time.perf_counter() - tick
+        check = checked.meta["transfer"]["check"]
+        log(f"check ({check_seconds:.0f} s): KL on {check['tokens']} target tokens per candidate "
+            f"{[round(c.get('kl', float('nan')), 4) for c in check['candidates']]}, chosen {check['chosen']} "
+            f"{check['candidates'][check['chosen']]['changed'] or '(the transfer itself)'}")
         plain = transfer_schedule(source_schedules[bits], target.model, target_budget, space=space)
         with_profile = transfer_schedule(source_schedules[bits], target.model, target_budget, space=space,
                                          profile=target_profile)
         transferred.save(work / "transferred" / f"schedule-uniform{bits}.json")
+        checked.save(work / "transferred" / f"schedule-uniform{bits}-checked.json")
         exact = no_slot_upgrade_fits(transferred, target_budget, space, target.model)
         used = target_memory.schedule_bytes(transferred)
         log(f"uniform {bits}-bit size: transfer ({transferred.meta['transfer']['losses']} losses) "
             f"{transfer_seconds:.2f} s, {used:,} of {limit:,} bytes, no upgrade of a slot fits: {exact}")
         console.print(bits_table(f"bits per target block at the size of uniform {bits}-bit",
-                                 {"transferred": transferred, "relative depth": plain, "+ target profile": with_profile},
+                                 {"transferred": transferred, "+ check": checked, "relative depth": plain,
+                                  "+ target profile": with_profile},
                                  roles, blocks))
         entry = {"limit": limit, "bytes": used, "no_upgrade_fits": exact, "seconds": transfer_seconds,
                  "alignment": alignment.get("source_blocks"), "losses": transferred.meta["transfer"]["losses"],
                  "bits": bits_by_role(transferred, roles, blocks),
                  "bits_relative_depth": bits_by_role(plain, roles, blocks),
-                 "bits_with_target_profile": bits_by_role(with_profile, roles, blocks), "perplexity": {}}
+                 "bits_with_target_profile": bits_by_role(with_profile, roles, blocks),
+                 "bits_checked": bits_by_role(checked, roles, blocks), "check": check, "check_seconds": check_seconds,
+                 "checked_no_upgrade_fits": no_slot_upgrade_fits(checked, target_budget, space, target.model),
+                 "perplexity": {}}
         for name, schedule in ((f"uniform {bits}-bit g128", uniform_t), ("transferred, relative depth", plain),
-                               ("transferred", transferred), ("transferred + target profile", with_profile)):
+                               ("transferred", transferred), ("transferred + check", checked),
+                               ("transferred + target profile", with_profile)):
             value = ppl(target.model, schedule, evaluation, args)
             entry["perplexity"][name] = value
             table.add_row(f"uniform {bits}-bit size", name, f"{target_memory.schedule_bytes(schedule):,}",
                           f"{value:.2f}")
             log(f"uniform {bits}-bit size, {name}: ppl {value:.2f}")
         entry["transfer_beats_uniform"] = entry["perplexity"]["transferred"] < entry["perplexity"][
+            f"uniform {bits}-bit g128"]
+        entry["checked_transfer_beats_uniform"] = entry["perplexity"]["transferred + check"] < entry["perplexity"][
             f"uniform {bits}-bit g128"]
         figures["budgets"][f"uniform{bits}"] = entry
         (work / "figures.json").write_text(json.dumps(figures, indent=1))

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from autocompress.cli import main
 from autocompress.compress.apply import apply
 from autocompress.compress.memory import MemoryModel
-from autocompress.compress.tiny_models import random_tokens, tiny_model
+from autocompress.compress.tiny_models import random_tokens, sampled_tokens, tiny_model
 from autocompress.errors import UserError
+from autocompress.evaluate import perplexity
 from autocompress.models import model_fingerprint
 from autocompress.profile.artifact import Profile, UnitProfile
 from autocompress.schedule import Choice, Schedule
@@ -122,6 +123,10 @@ def test_transfer_meets_the_budget_exactly_and_beats_uniform(source, quant_space
     kl_transfer = _kl(target, apply(copy.deepcopy(target), result, progress=False), held_out)
     kl_uniform = _kl(target, apply(copy.deepcopy(target), uniform, progress=False), held_out)
     assert kl_transfer < kl_uniform
+    text = sampled_tokens(target, seed=3)
+    ppl_transfer = perplexity(apply(copy.deepcopy(target), result, progress=False), text, window=96)
+    ppl_uniform = perplexity(apply(copy.deepcopy(target), uniform, progress=False), text, window=96)
+    assert ppl_transfer < ppl_uniform
 
 
 def test_transfer_between_granularities_matches_fused_roles():
@@ -208,7 +213,7 @@ def saved(source, tmp_path_factory, tokenizer):
     _, _, schedule = source
     schedule.save(root / "run" / "schedule.json")
     target = root / "qwen2"
-    tiny_model("qwen2", layers=6, seed=1).save_pretrained(target)
+    tiny_model("qwen2", layers=6, seed=1, vocab=len(tokenizer)).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return root
 
@@ -221,13 +226,28 @@ def _one_line_error(capsys, argv, fragment):
 
 def test_cli_transfer_writes_schedule_and_prints_budget(saved, capsys):
     out = saved / "run2"
-    assert main(["transfer", str(saved / "run"), str(saved / "qwen2"), "--budget", "memory=60%",
+    assert main(["transfer", str(saved / "run"), str(saved / "qwen2"), "--budget", "memory=50%",
                  "--space", "quant-only", "--out", str(out), "--threads", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "model.layers.5" in printed and "memory=60%" in printed and "% used" in printed
+    assert "model.layers.5" in printed and "memory=50%" in printed and "% used" in printed
+    assert "check: KL" in printed and "kept" in printed
     result = Schedule.load(out / "schedule.json")
     assert result.meta["agnostic"]["model.layers.5"]["relative_depth"] == 1.0
     assert result.meta["transfer"]["target_model"]["family"] == "qwen2"
+    check = result.meta["transfer"]["check"]
+    assert check["tokens"] == 2048 and 1 < len(check["candidates"]) <= 7
+    kept = check["candidates"][check["chosen"]]["kl"]
+    assert kept == min(c["kl"] for c in check["candidates"])
+
+
+def test_cli_transfer_without_check(saved, capsys):
+    out = saved / "run3"
+    assert main(["transfer", str(saved / "run"), str(saved / "qwen2"), "--budget", "memory=60%",
+                 "--space", "quant-only", "--out", str(out), "--check-tokens", "0"]) == 0
+    assert "check: KL" not in capsys.readouterr().out
+    assert Schedule.load(out / "schedule.json").meta["transfer"]["check"] is None
+    _one_line_error(capsys, ["transfer", str(saved / "run"), str(saved / "qwen2"), "--budget", "memory=60%",
+                             "--check-count", "-1"], "--check-count must be 0 or more")
 
 
 def test_cli_incompatible_targets_fail_with_one_line(saved, capsys, tokenizer):
@@ -246,3 +266,23 @@ def test_cli_incompatible_targets_fail_with_one_line(saved, capsys, tokenizer):
                     "no decoder blocks")
     _one_line_error(capsys, ["transfer", str(saved / "run"), str(saved / "qwen2"), "--budget", "memory=3%",
                              "--space", "quant-only", "--out", str(saved / "x")], "below the minimum")
+
+
+def test_search_warm_start_enqueues_the_transfer_first(source, quant_space, tmp_path, tokenizer):
+    from search_helpers import make_run
+
+    from autocompress.search.study import SearchSettings, search
+
+    _, _, schedule = source
+    schedule.save(tmp_path / "source" / "schedule.json")
+    run = make_run(tmp_path, tokenizer, space="quant-only")
+    settings = SearchSettings(run_dir=str(run), budget=("memory=60%",), trials=8, space="quant-only",
+                              warm_start=str(tmp_path / "source"), holdout_tokens=1024, window=128,
+                              calibration_tokens=512, progress=False)
+    result = search(settings)
+    trials = sorted(result.trials, key=lambda r: r.number)
+    warm = [r for r in trials if r.source == "warm-start"]
+    assert len(warm) >= 3  # the transfer, its neighbours and exchanges
+    assert [r.source for r in trials[:len(warm)]] == ["warm-start"] * len(warm)
+    assert all(r.feasible for r in warm)
+    assert all(r.measured_kl is not None for r in warm)

@@ -22,7 +22,13 @@ def register(verbs) -> None:
     tr.add_argument("--signature-tokens", type=int, default=1024,
                     help="calibration tokens for one forward pass of NEW_MODEL that aligns its blocks to the "
                          "source's by block influence (default: 1024; 0: align by relative depth alone)")
-    tr.add_argument("--data", default="stdlib-docs", help="calibration data spec for the signature (default: stdlib-docs)")
+    tr.add_argument("--check-tokens", type=int, default=2048,
+                    help="calibration tokens of NEW_MODEL on which the transfer and --check-count exchanges of it "
+                         "(two same-size units trading choices) are measured end to end, keeping the lowest KL "
+                         "(default: 2048; 0: no check)")
+    tr.add_argument("--check-count", type=int, default=6, help="exchanges the check measures (default: 6)")
+    tr.add_argument("--data", default="stdlib-docs",
+                    help="calibration data spec for the signature and the check (default: stdlib-docs)")
     tr.add_argument("--out", default="transfer-run", help="run directory for schedule.json (default: transfer-run)")
     add_trust_remote_code(tr)
     add_threads(tr)
@@ -39,6 +45,24 @@ def _block_of(name: str) -> str:
     parts = name.split(".")
     digits = [p for p in parts if p.isdigit()]
     return digits[0] if digits else name
+
+
+def _check_table(check: dict):
+    """The candidates the check measured: what each changed, its KL and perplexity, which was kept."""
+    from rich.table import Table  # noqa: PLC0415
+
+    from ..schedule import Choice  # noqa: PLC0415
+
+    table = Table(title=f"check: KL to NEW_MODEL's own output on {check['tokens']:,} calibration tokens")
+    for column in ("candidate", "changed", "KL", "perplexity", ""):
+        table.add_column(column, justify="right" if column in ("KL", "perplexity") else "left")
+    for number, candidate in enumerate(check["candidates"]):
+        changed = ", ".join(f"{_block_of(name)}: {_label(Choice.from_json(choice))}"
+                            for name, choice in candidate["changed"].items()) or "the transfer"
+        measured = "kl" in candidate
+        table.add_row(str(number), changed, f"{candidate['kl']:.4f}" if measured else "-",
+                      f"{candidate['ppl']:.2f}" if measured else "-", "kept" if number == check["chosen"] else "")
+    return table
 
 
 def run(args) -> int:
@@ -74,15 +98,19 @@ def run(args) -> int:
     if not memory.blocks:
         raise UserError(f"{args.model}: no decoder blocks found; transfer needs a decoder-only transformer")
     budget = Budget.parse(args.budget, memory)
-    if args.signature_tokens < 0:
-        raise UserError(f"--signature-tokens must be 0 or more, got {args.signature_tokens}")
-    tokens = None
-    if args.signature_tokens > 0 and source.meta.get("source_signature") is not None:
-        from ..data import load_tokens  # noqa: PLC0415
+    for flag, value in (("--signature-tokens", args.signature_tokens), ("--check-tokens", args.check_tokens),
+                        ("--check-count", args.check_count)):
+        if value < 0:
+            raise UserError(f"{flag} must be 0 or more, got {value}")
+    from ..data import load_tokens  # noqa: PLC0415
 
+    tokens = check_tokens = None
+    if args.signature_tokens > 0 and source.meta.get("source_signature") is not None:
         tokens = load_tokens(args.data, loaded.tokenizer, "calibration", args.signature_tokens).tokens
+    if args.check_tokens > 0 and args.check_count > 0:
+        check_tokens = load_tokens(args.data, loaded.tokenizer, "calibration", args.check_tokens).tokens
     result = transfer_schedule(source, model, budget, space=space, profile=profile, predictor=predictor,
-                               signature_tokens=tokens)
+                               signature_tokens=tokens, check_tokens=check_tokens, check_count=args.check_count)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result.save(out / "schedule.json")
@@ -105,6 +133,8 @@ def run(args) -> int:
     if info["alignment"]["by"] != "relative_depth":
         console.print(f"blocks aligned by {info['alignment']['by']}: target block -> source block "
                       f"{info['alignment']['source_blocks']}")
+    if info["check"] is not None:
+        console.print(_check_table(info["check"]))
     figures = budget.evaluate(result)
     for limit in budget.limits:
         console.print(f"budget {limit.spec}: {limit.describe(figures[limit.figure])} "

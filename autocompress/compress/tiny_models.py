@@ -53,3 +53,16 @@ def random_tokens(vocab: int, rows: int, seq: int, *, seed: int = 0) -> torch.Te
     """Random token ids [rows, seq]."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (rows, seq), generator=generator)
+
+
+@torch.no_grad()
+def sampled_tokens(model: nn.Module, rows: int = 4, length: int = 96, *, seed: int = 0) -> torch.Tensor:
+    """Token ids [rows * length] sampled from ``model``'s own next-token distribution, from a random
+    first token: text on which a random model's perplexity means something (its exp is the
+    model's entropy plus the KL of a compressed copy to it)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(model.config.vocab_size, (rows, 1), generator=generator)
+    for _ in range(length - 1):
+        probs = torch.softmax(model(ids).logits[:, -1].float(), -1)
+        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return ids.reshape(-1)

@@ -124,6 +124,20 @@ def to_schedule(slots: list[Slot], picks: dict[str, str], fingerprint: str, meta
     return Schedule(fingerprint, units, dict(meta or {}))
 
 
+def schedule_picks(slots: list[Slot], schedule: Schedule) -> dict[str, str] | None:
+    """The picks that give back ``schedule`` (the inverse of :func:`to_schedule`), or None when
+    one of its choices is not an option of its slot (a schedule from another space)."""
+    picks = {}
+    for slot in slots:
+        wanted = schedule.units.get(slot.members[0], Choice())
+        match = next((o.label for o in slot.options if o.choice == wanted
+                      or (wanted == Choice() and o.label == "bits=16")), None)
+        if match is None:
+            return None
+        picks[slot.name] = match
+    return picks
+
+
 def uniform_picks(slots: list[Slot], label: str) -> dict[str, str]:
     """The same option ``label`` for every slot."""
     return {slot.name: label for slot in slots}

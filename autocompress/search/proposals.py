@@ -48,20 +48,13 @@ def warm_start_picks(ctx: Context) -> tuple[list[dict[str, str]], list[str]]:
         from ..transfer import warm_start_schedules  # noqa: PLC0415
     except ImportError:
         raise UserError("--warm-start needs autocompress.transfer, which this installation lacks") from None
-    schedules = warm_start_schedules(ctx.settings.warm_start, ctx.model, ctx.space, ctx.budget, profile=ctx.profile)
-    from ..schedule import Choice  # noqa: PLC0415
+    from .decisions import schedule_picks  # noqa: PLC0415
 
+    schedules = warm_start_schedules(ctx.settings.warm_start, ctx.model, ctx.space, ctx.budget, profile=ctx.profile)
     picks_list, notes = [], []
     for number, schedule in enumerate(schedules):
-        picks = {}
-        for slot in ctx.slots:
-            wanted = schedule.units.get(slot.members[0], Choice())
-            match = next((o.label for o in slot.options if o.choice == wanted
-                          or (wanted == Choice() and o.label == "bits=16")), None)
-            if match is None:
-                break
-            picks[slot.name] = match
-        if len(picks) == len(ctx.slots):
+        picks = schedule_picks(ctx.slots, schedule)
+        if picks is not None:
             picks_list.append(picks)
         else:
             notes.append(f"warm-start schedule {number} uses choices outside this space; skipped")

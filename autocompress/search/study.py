@@ -4,9 +4,10 @@ Flow of one search (``autocompress search RUN --budget ... --trials N``):
 
 1. read ``RUN/profile.json``, load its model, build the slots of the search space, price every
    option (:class:`~autocompress.search.cost.CostModel`) and refuse an infeasible budget;
-2. create the study on ``--storage`` (default ``sqlite:///RUN/study.db``) and enqueue the
-   baselines as its first trials: the best-predicted uniform choices that fit, the exact
-   knapsack and the greedy allocation under the additive model (and ``--warm-start`` schedules);
+2. create the study on ``--storage`` (default ``sqlite:///RUN/study.db``) and enqueue its
+   first trials: the ``--warm-start`` schedules (a transfer and its neighbours), then the
+   baselines: the best-predicted uniform choices that fit, the exact knapsack and the greedy
+   allocation under the additive model;
 3. each worker asks the study for trials (TPE, or NSGA-II with ``--pareto``; in single-objective
    searches two trials in three are local moves around the best measured trial, enqueued
    by :func:`~autocompress.search.proposals.local_move`): the additive prediction and its
@@ -248,15 +249,15 @@ def open_study(ctx: Context, *, create: bool):
 
 
 def enqueue_baselines(ctx: Context, study) -> list[str]:
-    """Enqueue baselines (and warm starts) as the study's first trials; returns notes."""
+    """Enqueue ``--warm-start`` schedules, then the baselines, as the study's first trials; returns notes."""
     notes = []
-    for sources, picks in baseline_picks(ctx):
-        study.enqueue_trial(picks, user_attrs={"source": sources[0], "also": sources[1:], "measure": True})
     if ctx.settings.warm_start:
         picks_list, skipped = warm_start_picks(ctx)
         notes += skipped
         for picks in picks_list:
             study.enqueue_trial(picks, user_attrs={"source": "warm-start", "measure": True})
+    for sources, picks in baseline_picks(ctx):
+        study.enqueue_trial(picks, user_attrs={"source": sources[0], "also": sources[1:], "measure": True})
     return notes
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..schedule import Choice, Schedule
 from .alignment import align_blocks, block_signature, signature_from_profile
+from .check import exchanges, pick_checked
 from .coordinates import (BLOCK_ROLE, HEAD_ROLE, AgnosticChoice, agnostic_choices, describe, model_coordinates,
                           model_shape, relative_depth)
 from .repair import candidate_choices, repair, snap
@@ -164,8 +165,8 @@ def aligned_coordinates(source_schedule: Schedule, target_model, *, signature_to
 
 
 def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=None, profile=None,
-                      predictor=None, signature_tokens=None, target_signature: list[float] | None = None
-                      ) -> Schedule:
+                      predictor=None, signature_tokens=None, target_signature: list[float] | None = None,
+                      check_tokens=None, check_count: int = 6) -> Schedule:
     """Map ``source_schedule`` onto ``target_model`` and repair it to meet ``budget`` exactly.
 
     ``space`` (a :class:`~autocompress.search.space.SearchSpace`) says which choices the target
@@ -180,6 +181,11 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
     target blocks are matched to source blocks by block influence (:mod:`.alignment`) instead
     of raw relative depth, so a model with blocks removed keeps each block's own choice and
     sensitivity; ``meta["transfer"]["alignment"]`` records the match.
+
+    With ``check_tokens`` (1-D calibration ids of the target), the repaired schedule and its
+    ``check_count`` best-ranked exchanges (two same-size slots trading choices, see
+    :mod:`.check`) are measured end to end on them, and the lowest KL is kept;
+    ``meta["transfer"]["check"]`` lists what was measured.
     """
     from ..compress.memory import MemoryModel  # noqa: PLC0415
     from ..models import adapter_for, model_fingerprint  # noqa: PLC0415
@@ -216,6 +222,10 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
     losses = losses_for(target_model, units, coordinates, profile=profile, source=source_schedule,
                         predictor=predictor, space=space, mapped=mapped)
     repaired = repair(draft, target_model, budget, space, losses, memory=memory)
+    check = None
+    if check_tokens is not None:
+        repaired, check = pick_checked(repaired, target_model, budget, space, losses, check_tokens,
+                                       count=check_count, memory=memory)
     result = describe(repaired, target_model, profile, signature=alignment.get("target_signature"))
     source_model = source_schedule.meta.get("source_model", {})
     meta = dict(result.meta)
@@ -224,6 +234,7 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
         "target_model": model_shape(target_model).to_json(),
         "losses": losses.source,
         "alignment": alignment,
+        "check": check,
         "space": space.to_json(),
         "bytes": memory.schedule_bytes(result),
         "units": {name: {"sources": origin.get(name, []),
@@ -296,7 +307,9 @@ def warm_start_schedules(source: str | Path, model, space, budget, profile=None,
     (on SmolLM2 -> a derived model, neighbours priced by the source's sensitivity at the
     same relative depth were poor: dropped blocks shift depths). All fit ``budget``;
     duplicates are dropped. Blocks are aligned by signature (see :func:`transfer_schedule`)
-    measured on ``signature_tokens``, else read from ``profile``'s block influence."""
+    measured on ``signature_tokens``, else read from ``profile``'s block influence. Then up to
+    ``count`` :func:`~.check.exchanges` of it (the same choices, two same-size units trading
+    them), which the search measures where the transfer's placement was wrong."""
     source_schedule = load_source(source)
     target_signature = signature_from_profile(profile) if profile is not None and signature_tokens is None else None
     options = {"signature_tokens": signature_tokens, "target_signature": target_signature}
@@ -312,6 +325,8 @@ def warm_start_schedules(source: str | Path, model, space, budget, profile=None,
     losses = losses_for(model, units, coordinates, profile=profile, source=source_schedule, space=space,
                         mapped=mapped)
     found += neighbours(center, model, budget, space, losses, count, units)
+    # the same mix of choices on other units of the same size: where the source's placement is wrong
+    found += exchanges(center, model, budget, space, losses, count)
     out, seen = [], set()
     for schedule in found:
         key = tuple(sorted(schedule.units.items()))

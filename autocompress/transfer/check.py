@@ -1,0 +1,119 @@
+"""Check a transfer on the target itself: measure a few close alternatives, keep the best.
+
+Without a profile of the target, repair prices choices by the source's sensitivity at the same
+role and depth. That says well *how many* bits each kind of unit can spare, and less well
+*which* unit of the target should spare them: pruning changes blocks unevenly. On SmolLM2-135M
+-> a copy with 6 blocks dropped and 25% of MLP channels removed, the source's cheapest block at
+2 bits (block 7) made the target worse than uniform 3-bit, while block 4 or 5 at 2 bits beat it.
+
+:func:`exchanges` lists the schedules one exchange away from the transfer: two slots of the
+same size with different choices trade them, so the bytes and the mix of choices stay exactly
+as repaired; they are ranked by the predicted loss change. :func:`check_transfer` measures the
+transfer and the best-ranked exchanges end to end on a few calibration windows of the target
+(KL to the target's own 16-bit next-token distribution, one forward pass each with cached
+compressed blocks swapped in; nothing per unit, so no profile) and keeps the lowest.
+
+Example::
+
+    schedule = transfer_schedule(source, model, budget, check_tokens=calibration_ids)
+    schedule.meta["transfer"]["check"]["candidates"]   # KL of each candidate measured
+"""
+from __future__ import annotations
+
+import dataclasses
+from itertools import combinations
+
+import torch
+
+from ..schedule import Choice, Schedule
+from .sensitivity import LossTable
+
+CHECK_WINDOW = 256  # tokens per window of the check
+
+
+def exchanges(schedule: Schedule, model, budget, space, losses: LossTable, count: int = 6, *,
+              memory=None) -> list[Schedule]:
+    """Up to ``count`` schedules in which two slots of ``space`` swap their choices, cheapest
+    predicted loss change first. Only swaps that leave the bytes as they were (the two slots
+    cost the same under either choice) and fit ``budget`` are kept, so a schedule that met a
+    budget exactly still does."""
+    from ..compress.memory import MemoryModel, unit_bytes  # noqa: PLC0415
+    from ..search.decisions import build_slots  # noqa: PLC0415
+
+    memory = memory or MemoryModel.from_model(model)
+    slots = build_slots(space, model)
+    now = {s.name: schedule.units.get(s.members[0], Choice()) for s in slots}
+
+    def cost(slot, choice: Choice) -> int:
+        return sum(unit_bytes(memory, u, choice) for u in slot.members)
+
+    def loss(slot, choice: Choice) -> float:
+        return sum(losses.loss(u, choice) for u in slot.members)
+
+    ranked = []
+    for a, b in combinations(slots, 2):
+        ca, cb = now[a.name], now[b.name]
+        if ca == cb or cost(a, cb) + cost(b, ca) != cost(a, ca) + cost(b, cb):
+            continue
+        delta = loss(a, cb) + loss(b, ca) - loss(a, ca) - loss(b, cb)
+        ranked.append((delta, a.name, b.name, a, b))
+    ranked.sort(key=lambda m: m[:3])
+    out = []
+    for _, _, _, a, b in ranked:
+        units = dict(schedule.units)
+        for slot, choice in ((a, now[b.name]), (b, now[a.name])):
+            for member in slot.members:
+                if choice == Choice():
+                    units.pop(member, None)
+                else:
+                    units[member] = choice
+        candidate = dataclasses.replace(schedule, units=units)
+        if budget.fits(candidate):
+            out.append(candidate)
+        if len(out) >= count:
+            break
+    return out
+
+
+def check_transfer(candidates: list[Schedule], model, space, tokens: torch.Tensor, *,
+                   window: int = CHECK_WINDOW) -> list[dict[str, float] | None]:
+    """KL, loss and perplexity of each candidate on ``tokens`` (1-D calibration ids of the
+    target, cut into windows of ``window``), against the target's own output; None for a
+    candidate with a choice outside ``space``."""
+    from ..compress.calibrate import token_batch  # noqa: PLC0415
+    from ..search.decisions import build_slots, schedule_picks  # noqa: PLC0415
+    from ..search.measure import SwapEvaluator  # noqa: PLC0415
+
+    slots = build_slots(space, model)
+    rows = token_batch(tokens.reshape(-1), min(window, tokens.numel()))
+    evaluator = SwapEvaluator(model, slots, rows, rows)
+    results = []
+    for candidate in candidates:
+        picks = schedule_picks(slots, candidate)
+        results.append(None if picks is None else evaluator.measure(picks))
+    return results
+
+
+def pick_checked(schedule: Schedule, model, budget, space, losses: LossTable, tokens: torch.Tensor, *,
+                 count: int = 6, memory=None) -> tuple[Schedule, dict]:
+    """The transfer or one of its :func:`exchanges`, whichever measures the lowest KL on
+    ``tokens``; and the record for ``meta["transfer"]["check"]``."""
+    candidates = [schedule] + exchanges(schedule, model, budget, space, losses, count, memory=memory)
+    measured = check_transfer(candidates, model, space, tokens)
+    scored = [(m["kl"], i) for i, m in enumerate(measured) if m is not None]
+    best = min(scored)[1] if scored else 0
+    record = {"tokens": int(tokens.numel()), "window": CHECK_WINDOW, "chosen": best,
+              "candidates": [{"changed": _changes(schedule, c), **({k: round(v, 6) for k, v in m.items()}
+                                                                  if m is not None else {})}
+                             for c, m in zip(candidates, measured)]}
+    return candidates[best], record
+
+
+def _changes(base: Schedule, other: Schedule) -> dict[str, dict]:
+    """Units whose choice differs from ``base``, with the choice they take instead."""
+    names = sorted(set(base.units) | set(other.units))
+    return {n: other.units.get(n, Choice()).to_json() for n in names
+            if base.units.get(n, Choice()) != other.units.get(n, Choice())}
+
+
+__all__ = ["exchanges", "check_transfer", "pick_checked", "CHECK_WINDOW"]
