@@ -235,7 +235,7 @@ def test_cli_transfer_writes_schedule_and_prints_budget(saved, capsys):
     assert result.meta["agnostic"]["model.layers.5"]["relative_depth"] == 1.0
     assert result.meta["transfer"]["target_model"]["family"] == "qwen2"
     check = result.meta["transfer"]["check"]
-    assert check["tokens"] == 2048 and 1 < len(check["candidates"]) <= 7
+    assert check["tokens"] == 2048 and 1 < len(check["candidates"]) <= 1 + 6 + 2  # transfer, exchanges, neighbours
     kept = check["candidates"][check["chosen"]]["kl"]
     assert kept == min(c["kl"] for c in check["candidates"])
 

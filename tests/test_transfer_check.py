@@ -86,7 +86,7 @@ def test_check_moves_a_saving_the_target_cannot_afford(source_schedule, space):
     checked = transfer_schedule(source_schedule, target, budget, space=space,
                                 check_tokens=sampled_tokens(target, 4, 64, seed=5), check_count=4)
     check = checked.meta["transfer"]["check"]
-    assert len(check["candidates"]) == 5 and check["tokens"] == 256
+    assert 5 <= len(check["candidates"]) <= 6 and check["tokens"] == 256  # transfer, 4 exchanges, a neighbour
     assert check["chosen"] != 0
     assert check["candidates"][check["chosen"]]["kl"] < check["candidates"][0]["kl"]
     assert checked.units["model.layers.3"].bits > 2

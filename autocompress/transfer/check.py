@@ -85,7 +85,8 @@ def check_transfer(candidates: list[Schedule], model, space, tokens: torch.Tenso
     from ..search.measure import SwapEvaluator  # noqa: PLC0415
 
     slots = build_slots(space, model)
-    rows = token_batch(tokens.reshape(-1), min(window, tokens.numel()))
+    context = getattr(model.config, "max_position_embeddings", None) or window
+    rows = token_batch(tokens.reshape(-1), min(window, context, tokens.numel()))
     evaluator = SwapEvaluator(model, slots, rows, rows)
     results = []
     for candidate in candidates:
@@ -95,10 +96,17 @@ def check_transfer(candidates: list[Schedule], model, space, tokens: torch.Tenso
 
 
 def pick_checked(schedule: Schedule, model, budget, space, losses: LossTable, tokens: torch.Tensor, *,
-                 count: int = 6, memory=None) -> tuple[Schedule, dict]:
-    """The transfer or one of its :func:`exchanges`, whichever measures the lowest KL on
-    ``tokens``; and the record for ``meta["transfer"]["check"]``."""
+                 count: int = 6, memory=None, others: list[Schedule] = ()) -> tuple[Schedule, dict]:
+    """The transfer, one of its :func:`exchanges` or one of ``others`` (e.g. its neighbours:
+    one slot up, one down), whichever measures the lowest KL on ``tokens``; and the record for
+    ``meta["transfer"]["check"]``. Only ``others`` with exactly the transfer's bytes are tried,
+    so the budget stays met as exactly as repair met it."""
+    from ..compress.memory import MemoryModel  # noqa: PLC0415
+
+    memory = memory or MemoryModel.from_model(model)
+    size = memory.schedule_bytes(schedule)
     candidates = [schedule] + exchanges(schedule, model, budget, space, losses, count, memory=memory)
+    candidates += [o for o in others if memory.schedule_bytes(o) == size and budget.fits(o)]
     measured = check_transfer(candidates, model, space, tokens)
     scored = [(m["kl"], i) for i, m in enumerate(measured) if m is not None]
     best = min(scored)[1] if scored else 0

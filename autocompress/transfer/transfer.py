@@ -182,9 +182,10 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
     of raw relative depth, so a model with blocks removed keeps each block's own choice and
     sensitivity; ``meta["transfer"]["alignment"]`` records the match.
 
-    With ``check_tokens`` (1-D calibration ids of the target), the repaired schedule and its
+    With ``check_tokens`` (1-D calibration ids of the target), the repaired schedule, its
     ``check_count`` best-ranked exchanges (two same-size slots trading choices, see
-    :mod:`.check`) are measured end to end on them, and the lowest KL is kept;
+    :mod:`.check`) and a third as many byte-neutral :func:`neighbours` (one slot up, one down)
+    are measured end to end on them, and the lowest KL is kept;
     ``meta["transfer"]["check"]`` lists what was measured.
     """
     from ..compress.memory import MemoryModel  # noqa: PLC0415
@@ -224,8 +225,9 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
     repaired = repair(draft, target_model, budget, space, losses, memory=memory)
     check = None
     if check_tokens is not None:
+        others = neighbours(repaired, target_model, budget, space, losses, max(1, check_count // 3))
         repaired, check = pick_checked(repaired, target_model, budget, space, losses, check_tokens,
-                                       count=check_count, memory=memory)
+                                       count=check_count, memory=memory, others=others)
     result = describe(repaired, target_model, profile, signature=alignment.get("target_signature"))
     source_model = source_schedule.meta.get("source_model", {})
     meta = dict(result.meta)
