@@ -4,8 +4,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 from autocompress.cli import main
 from autocompress.compress.apply import apply
@@ -18,17 +16,11 @@ from autocompress.profile.artifact import Profile, UnitProfile
 from autocompress.schedule import Choice, Schedule
 from autocompress.search.budget import Budget
 from autocompress.search.space import load_space
-from autocompress.transfer import agnostic_choices, describe, repair, transfer_schedule, warm_start_schedules
+from autocompress.transfer import agnostic_choices, describe, transfer_schedule, warm_start_schedules
 from autocompress.transfer.coordinates import model_coordinates, profile_summary
 from autocompress.transfer.repair import no_upgrade_fits
-from autocompress.transfer.sensitivity import from_profile, from_summary
-
-
-def _kl(reference, model, tokens) -> float:
-    with torch.no_grad():
-        p = F.log_softmax(reference(tokens).logits.float(), -1)
-        q = F.log_softmax(model(tokens).logits.float(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+from autocompress.transfer.sensitivity import from_summary
+from transfer_helpers import allocated_at_uniform, kl_between, memory_budget
 
 
 def _measured_profile(model, space, tokens) -> Profile:
@@ -36,18 +28,12 @@ def _measured_profile(model, space, tokens) -> Profile:
     fingerprint = model_fingerprint(model)
     units = []
     for index, name in enumerate(space.units(model)):
-        kl = {label: _kl(model, apply(copy.deepcopy(model), Schedule(fingerprint, {name: choice}), progress=False),
+        kl = {label: kl_between(model, apply(copy.deepcopy(model), Schedule(fingerprint, {name: choice}), progress=False),
                          tokens)
               for label, choice in space.probe_choices() if choice.bits in (2, 3, 4)}
         units.append(UnitProfile(name, index, kl=kl))
     return Profile("tiny-llama", fingerprint, "random", "d", space.name, "s", "block", tokens.numel(), 0.0,
                    {label: c.to_json() for label, c in space.probe_choices()}, units)
-
-
-def _memory_budget(model, schedule) -> tuple[Budget, MemoryModel, int]:
-    memory = MemoryModel.from_model(model)
-    limit = memory.schedule_bytes(schedule)
-    return Budget.parse([f"memory={limit}b"], memory), memory, limit
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +46,7 @@ def source(quant_space):
     """A tiny Llama (4 blocks), its measured profile and a schedule allocated from it at uniform-3-bit size."""
     model = tiny_model("llama", layers=4)
     profile = _measured_profile(model, quant_space, random_tokens(256, 2, 64, seed=1))
-    uniform = Schedule.uniform(model, quant_space.quant_choice(3))
-    budget, _, _ = _memory_budget(model, uniform)
-    schedule = repair(uniform, model, budget, quant_space, from_profile(profile, model_coordinates(model)))
-    return model, profile, describe(schedule, model, profile)
+    return model, profile, allocated_at_uniform(model, quant_space, profile)
 
 
 def test_coordinates_round_trip_through_schedule_json(source, tmp_path):
@@ -111,7 +94,7 @@ def test_transfer_meets_the_budget_exactly_and_beats_uniform(source, quant_space
     _, _, schedule = source
     target = tiny_model(family, layers=6, seed=1)
     uniform = Schedule.uniform(target, quant_space.quant_choice(3))
-    budget, memory, limit = _memory_budget(target, uniform)
+    budget, memory, limit = memory_budget(target, uniform)
     result = transfer_schedule(schedule, target, budget, space=quant_space)
     result.validate(target)
     assert memory.schedule_bytes(result) <= limit
@@ -120,8 +103,8 @@ def test_transfer_meets_the_budget_exactly_and_beats_uniform(source, quant_space
     # the source spent its bits on the first block and saved on the last: so does the transfer
     assert result.units["model.layers.0"].bits > result.units["model.layers.5"].bits
     held_out = random_tokens(256, 2, 64, seed=2)
-    kl_transfer = _kl(target, apply(copy.deepcopy(target), result, progress=False), held_out)
-    kl_uniform = _kl(target, apply(copy.deepcopy(target), uniform, progress=False), held_out)
+    kl_transfer = kl_between(target, apply(copy.deepcopy(target), result, progress=False), held_out)
+    kl_uniform = kl_between(target, apply(copy.deepcopy(target), uniform, progress=False), held_out)
     assert kl_transfer < kl_uniform
     text = sampled_tokens(target, seed=3)
     ppl_transfer = perplexity(apply(copy.deepcopy(target), result, progress=False), text, window=96)
@@ -173,7 +156,7 @@ def test_neighbours_move_tied_linears_together():
     space = load_space("quant-linear")  # q/k/v and gate/up tied
     llama = tiny_model("llama", layers=4)
     uniform = Schedule(model_fingerprint(llama), {u: space.quant_choice(3) for u in space.units(llama)})
-    budget, memory, limit = _memory_budget(llama, uniform)
+    budget, memory, limit = memory_budget(llama, uniform)
     found = neighbours(uniform, llama, budget, space, LossTable(model_coordinates(llama), {}, "prior"), count=3)
     assert len(found) == 3
     slots = build_slots(space, llama)
@@ -196,7 +179,7 @@ def test_warm_start_schedules_fit_and_differ(source, quant_space, tmp_path):
     _, _, schedule = source
     schedule.save(tmp_path / "schedule.json")
     target = tiny_model("qwen2", layers=6, seed=1)
-    budget, memory, limit = _memory_budget(target, Schedule.uniform(target, quant_space.quant_choice(3)))
+    budget, memory, limit = memory_budget(target, Schedule.uniform(target, quant_space.quant_choice(3)))
     schedules = warm_start_schedules(tmp_path, target, quant_space, budget)
     assert len(schedules) >= 3
     assert all(memory.schedule_bytes(s) <= limit for s in schedules)
@@ -283,6 +266,6 @@ def test_search_warm_start_enqueues_the_transfer_first(source, quant_space, tmp_
     trials = sorted(result.trials, key=lambda r: r.number)
     warm = [r for r in trials if r.source == "warm-start"]
     assert len(warm) >= 3  # the transfer, its neighbours and exchanges
-    assert [r.source for r in trials[:len(warm)]] == ["warm-start"] * len(warm)
+    assert [r.source for r in trials[: len(warm)]] == ["warm-start"] * len(warm)
     assert all(r.feasible for r in warm)
     assert all(r.measured_kl is not None for r in warm)

@@ -5,34 +5,23 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from autocompress.compress.apply import apply
-from autocompress.compress.memory import MemoryModel
 from autocompress.compress.tiny_models import random_tokens, sampled_tokens, tiny_model
 from autocompress.models import LoadedModel
 from autocompress.profile.run import ProfileSettings, profile_model
 from autocompress.schedule import Choice, Schedule
-from autocompress.search.budget import Budget
 from autocompress.search.space import load_space
-from autocompress.transfer import describe, repair, transfer_schedule
+from autocompress.transfer import transfer_schedule
 from autocompress.transfer.check import exchanges
 from autocompress.transfer.coordinates import model_coordinates
 from autocompress.transfer.repair import no_upgrade_fits
-from autocompress.transfer.sensitivity import LossTable, from_profile
-
-
-def _kl(reference, model, tokens) -> float:
-    with torch.no_grad():
-        p = F.log_softmax(reference(tokens).logits.float(), -1)
-        q = F.log_softmax(model(tokens).logits.float(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+from autocompress.transfer.sensitivity import LossTable
+from transfer_helpers import allocated_at_uniform, kl_between, memory_budget
 
 
 def _budget(model, space, bits=3):
-    memory = MemoryModel.from_model(model)
-    limit = memory.schedule_bytes(Schedule.uniform(model, space.quant_choice(bits)))
-    return Budget.parse([f"memory={limit}b"], memory), memory, limit
+    return memory_budget(model, Schedule.uniform(model, space.quant_choice(bits)))
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +36,7 @@ def source_schedule(space):
     settings = ProfileSettings(tokens=256, seq_len=64, roles=False, additivity=False, progress=False)
     profile = profile_model(LoadedModel(model, None, "tiny-llama", "hub"), sampled_tokens(model, 4, 64, seed=1),
                             space, settings)
-    budget, _, _ = _budget(model, space)
-    start = Schedule.uniform(model, space.quant_choice(3))
-    schedule = describe(repair(start, model, budget, space, from_profile(profile, model_coordinates(model))),
-                        model, profile)
+    schedule = allocated_at_uniform(model, space, profile)
     assert schedule.units["model.layers.3"].bits == 2  # the premise of the test below
     return schedule
 
@@ -96,8 +82,8 @@ def test_check_moves_a_saving_the_target_cannot_afford(source_schedule, space):
     assert no_upgrade_fits(checked, budget, space, space.units(target))
     # better on text the check never saw
     held_out = random_tokens(256, 2, 64, seed=9)
-    kl_checked = _kl(target, apply(copy.deepcopy(target), checked, progress=False), held_out)
-    kl_plain = _kl(target, apply(copy.deepcopy(target), plain, progress=False), held_out)
+    kl_checked = kl_between(target, apply(copy.deepcopy(target), checked, progress=False), held_out)
+    kl_plain = kl_between(target, apply(copy.deepcopy(target), plain, progress=False), held_out)
     assert kl_checked < kl_plain
 
 
