@@ -107,6 +107,10 @@ def pick_checked(schedule: Schedule, model, budget, space, losses: LossTable, to
     size = memory.schedule_bytes(schedule)
     candidates = [schedule] + exchanges(schedule, model, budget, space, losses, count, memory=memory)
     candidates += [o for o in others if memory.schedule_bytes(o) == size and budget.fits(o)]
+    unique: dict[tuple, Schedule] = {}
+    for candidate in candidates:
+        unique.setdefault(tuple(sorted(candidate.units.items())), candidate)
+    candidates = list(unique.values())
     measured = check_transfer(candidates, model, space, tokens)
     scored = [(m["kl"], i) for i, m in enumerate(measured) if m is not None]
     best = min(scored)[1] if scored else 0
