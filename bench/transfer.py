@@ -6,21 +6,23 @@
    model). Per linear, the schedule says which roles a block can spare bits on, which transfers.
 2. Build the target: 6 blocks dropped (lowest block influence, never the first or last) and
    25% of MLP channels removed everywhere (Wanda scores), by ``apply`` + ``save_compressed``,
-   loaded back with ``load_model(dir)``: 24 blocks of 1152 channels instead of 30 of 1536.
+   loaded back with ``load_model(dir)``: 24 blocks of 1152 channels instead of 30 of 1536;
+   with ``--recover-steps N``, distilled from the source for N steps first.
 3. Profile the target; report the sensitivity predictor's Spearman correlation on it (trained
    on the source profile only, so the target is a model it was not trained on).
 4. For each of ``--budgets`` (the size of uniform N-bit, default 3 and 4): transfer the source
    schedule allocated at that size (no profile of the target; its blocks aligned to the
    source's by block influence from one forward pass on 1,024 tokens, and, for comparison, by
-   relative depth alone, and with the target's profile) and compare perplexity with uniform
+   relative depth alone, checked on ``--check-tokens`` calibration tokens of the target against
+   its exchanges and neighbours, and with the target's profile) and compare perplexity with uniform
    N-bit: the budget must be met exactly (bytes <= limit, no slot's upgrade fits) and the
    transfer must win. The source allocation is also measured on the source itself.
 5. Cold search vs search warm-started from the source schedule on the target, same trials, for
    each of ``--seeds``: the trial at which the warm search first reaches the cold search's final
    measured KL (the acceptance: at most half the trials).
 
-Run: ``.venv/bin/python bench/transfer.py [--granularity linear] [--work /tmp/transfer-linear]
-[--trials 30] [--seeds 0,1,2]`` (artifacts and perplexities are cached in --work, per
+Run: ``.venv/bin/python bench/transfer.py [--granularity block] [--budgets 3] [--recover-steps 256]
+[--work /tmp/transfer-block] [--trials 30] [--seeds 0,1,2]`` (artifacts and perplexities are cached in --work, per
 granularity; delete it to start over).
 """
 from __future__ import annotations

@@ -210,8 +210,10 @@ def _storage(kind: str, tmp_path, stem: str) -> tuple[str, Path]:
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_sigkill_then_resume_loses_no_completed_trial(run_dir, tmp_path, kind):
     url, file = _storage(kind, tmp_path, "kill")
-    proc = subprocess.Popen(_cli(run_dir, "--trials", "500", "--storage", url),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    errors = tmp_path / "worker.stderr"
+    with errors.open("w") as stderr:
+        proc = subprocess.Popen(_cli(run_dir, "--trials", "500", "--storage", url),
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         time.sleep(1)
@@ -220,6 +222,9 @@ def test_sigkill_then_resume_loses_no_completed_trial(run_dir, tmp_path, kind):
                 break
         except UserError:  # the worker is still creating the tables
             continue
+    if proc.poll() is not None:
+        pytest.fail(f"the worker exited by itself (code {proc.returncode}) before the kill: "
+                    f"{errors.read_text()[-2000:]}")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = _count_finished(url)
