@@ -311,10 +311,11 @@ def main() -> None:
     # 4. per budget: transfer without the target's profile (by block signature, and by relative
     #    depth alone), with it, and uniform of the same size
     # one forward pass of the target on 1,024 calibration tokens aligns its blocks to the source's
-    signature_tokens = load_tokens("stdlib-docs", target.tokenizer, "calibration", 1024).tokens
     # the check measures the transfer and its best exchanges on the target's calibration text (never the
-    # evaluation split the perplexities below are measured on)
-    check_tokens = load_tokens("stdlib-docs", target.tokenizer, "calibration", args.check_tokens).tokens
+    # evaluation split the perplexities below are measured on); both are prefixes of that split
+    calibration_prefix = load_tokens("stdlib-docs", target.tokenizer, "calibration",
+                                     max(1024, args.check_tokens)).tokens
+    signature_tokens, check_tokens = calibration_prefix[:1024], calibration_prefix[:args.check_tokens]
     figures["budgets"] = {}
     table = Table(title=f"SmolLM2-135M (30 blocks) -> derived ({blocks} blocks, {channels} MLP channels), "
                         f"{args.eval_tokens} eval tokens, {args.granularity} granularity")
@@ -335,7 +336,7 @@ def main() -> None:
         log(f"alignment by {alignment['by']}: target block -> source block {alignment.get('source_blocks')}")
         tick = time.perf_counter()
         checked = transfer_schedule(source_schedules[bits], target.model, target_budget, space=space,
-                                    signature_tokens=signature_tokens, check_tokens=check_tokens,
+                                    target_signature=alignment.get("target_signature"), check_tokens=check_tokens,
                                     check_count=args.check_count)
         check_seconds = time.perf_counter() - tick
         check = checked.meta["transfer"]["check"]

@@ -20,13 +20,13 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from autocompress.compress.apply import apply  # noqa: E402
 from autocompress.compress.memory import MemoryModel  # noqa: E402
 from autocompress.compress.tiny_models import sampled_tokens, tiny_model  # noqa: E402
+from autocompress.evaluate import stream_metrics  # noqa: E402
 from autocompress.models import LoadedModel  # noqa: E402
 from autocompress.profile.run import ProfileSettings, profile_model  # noqa: E402
 from autocompress.schedule import Schedule  # noqa: E402
@@ -55,23 +55,6 @@ def model_of(spec, seed: int):
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, 0.08, generator=torch.Generator().manual_seed(seed))
     return model
-
-
-def kl(reference, model, tokens: torch.Tensor, length: int) -> float:
-    """Mean KL(reference || model) per token over rows of ``length``."""
-    rows = tokens.reshape(-1, length)
-    with torch.no_grad():
-        p = F.log_softmax(reference(rows).logits.float(), -1)
-        q = F.log_softmax(model(rows).logits.float(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
-def ppl(model, tokens: torch.Tensor, length: int) -> float:
-    """Perplexity over rows of ``length``."""
-    rows = tokens.reshape(-1, length)
-    with torch.no_grad():
-        logits = model(rows).logits.float()
-    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1)).exp())
 
 
 def main() -> None:
@@ -109,8 +92,9 @@ def main() -> None:
             text = sampled_tokens(target, 8, args.length, seed=1000 + seed)
             row = {}
             for name, schedule in (("uniform", uniform_t), ("transfer", transferred), ("checked", checked)):
-                compressed = apply(copy.deepcopy(target), schedule, progress=False)
-                row[name] = (ppl(compressed, text, args.length), kl(target, compressed, text, args.length))
+                metrics = stream_metrics(apply(copy.deepcopy(target), schedule, progress=False), text,
+                                         window=args.length, batch_size=8, reference=target, progress=False)
+                row[name] = (metrics["perplexity"], metrics["kl"])
             exact = all(no_upgrade_fits(s, target_budget, space, space.units(target)) and
                         target_memory.schedule_bytes(s) <= limit for s in (transferred, checked))
             for name in wins:

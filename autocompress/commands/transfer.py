@@ -26,7 +26,9 @@ def register(verbs) -> None:
                     help="calibration tokens of NEW_MODEL on which the transfer and --check-count exchanges of it "
                          "(two same-size units trading choices) are measured end to end, keeping the lowest KL "
                          "(default: 2048; 0: no check)")
-    tr.add_argument("--check-count", type=int, default=6, help="exchanges the check measures (default: 6)")
+    tr.add_argument("--check-count", type=int, default=6,
+                    help="exchanges the check measures, plus a third as many one-up-one-down neighbours "
+                         "(default: 6; 0: no check)")
     tr.add_argument("--data", default="stdlib-docs",
                     help="calibration data spec for the signature and the check (default: stdlib-docs)")
     tr.add_argument("--out", default="transfer-run", help="run directory for schedule.json (default: transfer-run)")
@@ -104,11 +106,13 @@ def run(args) -> int:
             raise UserError(f"{flag} must be 0 or more, got {value}")
     from ..data import load_tokens  # noqa: PLC0415
 
-    tokens = check_tokens = None
-    if args.signature_tokens > 0 and source.meta.get("source_signature") is not None:
-        tokens = load_tokens(args.data, loaded.tokenizer, "calibration", args.signature_tokens).tokens
-    if args.check_tokens > 0 and args.check_count > 0:
-        check_tokens = load_tokens(args.data, loaded.tokenizer, "calibration", args.check_tokens).tokens
+    signature = args.signature_tokens if source.meta.get("source_signature") is not None else 0
+    check = args.check_tokens if args.check_count > 0 else 0
+    # both are prefixes of the calibration split: tokenize it once
+    stream = load_tokens(args.data, loaded.tokenizer, "calibration", max(signature, check)).tokens \
+        if max(signature, check) > 0 else None
+    tokens = stream[:signature] if signature > 0 else None
+    check_tokens = stream[:check] if check > 0 else None
     result = transfer_schedule(source, model, budget, space=space, profile=profile, predictor=predictor,
                                signature_tokens=tokens, check_tokens=check_tokens, check_count=args.check_count)
     out = Path(args.out)

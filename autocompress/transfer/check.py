@@ -43,19 +43,16 @@ def exchanges(schedule: Schedule, model, budget, space, losses: LossTable, count
     memory = memory or MemoryModel.from_model(model)
     slots = build_slots(space, model)
     now = {s.name: schedule.units.get(s.members[0], Choice()) for s in slots}
-
-    def cost(slot, choice: Choice) -> int:
-        return sum(unit_bytes(memory, u, choice) for u in slot.members)
-
-    def loss(slot, choice: Choice) -> float:
-        return sum(losses.loss(u, choice) for u in slot.members)
+    # every slot priced once under each choice the schedule uses (an exchange only moves those)
+    cost = {(s.name, c): sum(unit_bytes(memory, u, c) for u in s.members) for s in slots for c in set(now.values())}
+    loss = {(s.name, c): sum(losses.loss(u, c) for u in s.members) for s in slots for c in set(now.values())}
 
     ranked = []
     for a, b in combinations(slots, 2):
         ca, cb = now[a.name], now[b.name]
-        if ca == cb or cost(a, cb) + cost(b, ca) != cost(a, ca) + cost(b, cb):
+        if ca == cb or cost[a.name, cb] + cost[b.name, ca] != cost[a.name, ca] + cost[b.name, cb]:
             continue
-        delta = loss(a, cb) + loss(b, ca) - loss(a, ca) - loss(b, cb)
+        delta = loss[a.name, cb] + loss[b.name, ca] - loss[a.name, ca] - loss[b.name, cb]
         ranked.append((delta, a.name, b.name, a, b))
     ranked.sort(key=lambda m: m[:3])
     out = []
@@ -75,24 +72,37 @@ def exchanges(schedule: Schedule, model, budget, space, losses: LossTable, count
     return out
 
 
-def check_transfer(candidates: list[Schedule], model, space, tokens: torch.Tensor, *,
-                   window: int = CHECK_WINDOW) -> list[dict[str, float] | None]:
-    """KL, loss and perplexity of each candidate on ``tokens`` (1-D calibration ids of the
-    target, cut into windows of ``window``), against the target's own output; None for a
-    candidate with a choice outside ``space``."""
+def check_rows(model, tokens: torch.Tensor, window: int = CHECK_WINDOW) -> torch.Tensor:
+    """``tokens`` (1-D) cut into rows of ``window`` tokens, or shorter where the model's context
+    or the tokens are."""
     from ..compress.calibrate import token_batch  # noqa: PLC0415
+
+    context = getattr(model.config, "max_position_embeddings", None) or window
+    return token_batch(tokens.reshape(-1), min(window, context, tokens.numel()))
+
+
+def check_transfer(candidates: list[Schedule], model, space, rows: torch.Tensor) -> list[dict[str, float] | None]:
+    """KL, loss and perplexity of each candidate on ``rows`` (calibration windows of the target,
+    :func:`check_rows`), against the target's own output; None for a candidate with a choice
+    outside ``space``."""
     from ..search.decisions import build_slots, schedule_picks  # noqa: PLC0415
     from ..search.measure import SwapEvaluator  # noqa: PLC0415
 
     slots = build_slots(space, model)
-    context = getattr(model.config, "max_position_embeddings", None) or window
-    rows = token_batch(tokens.reshape(-1), min(window, context, tokens.numel()))
     evaluator = SwapEvaluator(model, slots, rows, rows)
     results = []
     for candidate in candidates:
         picks = schedule_picks(slots, candidate)
         results.append(None if picks is None else evaluator.measure(picks))
     return results
+
+
+def distinct(schedules: list[Schedule]) -> list[Schedule]:
+    """``schedules`` without repeats (same units and choices), first occurrence kept."""
+    unique: dict[tuple, Schedule] = {}
+    for schedule in schedules:
+        unique.setdefault(tuple(sorted(schedule.units.items())), schedule)
+    return list(unique.values())
 
 
 def pick_checked(schedule: Schedule, model, budget, space, losses: LossTable, tokens: torch.Tensor, *,
@@ -107,14 +117,12 @@ def pick_checked(schedule: Schedule, model, budget, space, losses: LossTable, to
     size = memory.schedule_bytes(schedule)
     candidates = [schedule] + exchanges(schedule, model, budget, space, losses, count, memory=memory)
     candidates += [o for o in others if memory.schedule_bytes(o) == size and budget.fits(o)]
-    unique: dict[tuple, Schedule] = {}
-    for candidate in candidates:
-        unique.setdefault(tuple(sorted(candidate.units.items())), candidate)
-    candidates = list(unique.values())
-    measured = check_transfer(candidates, model, space, tokens)
+    candidates = distinct(candidates)
+    rows = check_rows(model, tokens)
+    measured = check_transfer(candidates, model, space, rows)
     scored = [(m["kl"], i) for i, m in enumerate(measured) if m is not None]
     best = min(scored)[1] if scored else 0
-    record = {"tokens": int(tokens.numel()), "window": CHECK_WINDOW, "chosen": best,
+    record = {"tokens": int(tokens.numel()), "window": rows.shape[1], "chosen": best,
               "candidates": [{"changed": _changes(schedule, c), **({k: round(v, 6) for k, v in m.items()}
                                                                   if m is not None else {})}
                              for c, m in zip(candidates, measured)]}
@@ -128,4 +136,4 @@ def _changes(base: Schedule, other: Schedule) -> dict[str, dict]:
             if base.units.get(n, Choice()) != other.units.get(n, Choice())}
 
 
-__all__ = ["exchanges", "check_transfer", "pick_checked", "CHECK_WINDOW"]
+__all__ = ["exchanges", "check_rows", "check_transfer", "distinct", "pick_checked", "CHECK_WINDOW"]

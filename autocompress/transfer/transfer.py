@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..schedule import Choice, Schedule
 from .alignment import align_blocks, block_signature, signature_from_profile
-from .check import exchanges, pick_checked
+from .check import distinct, exchanges, pick_checked
 from .coordinates import (BLOCK_ROLE, HEAD_ROLE, AgnosticChoice, agnostic_choices, describe, model_coordinates,
                           model_shape, relative_depth)
 from .repair import candidate_choices, repair, snap
@@ -329,13 +329,7 @@ def warm_start_schedules(source: str | Path, model, space, budget, profile=None,
     found += neighbours(center, model, budget, space, losses, count, units)
     # the same mix of choices on other units of the same size: where the source's placement is wrong
     found += exchanges(center, model, budget, space, losses, count)
-    out, seen = [], set()
-    for schedule in found:
-        key = tuple(sorted(schedule.units.items()))
-        if key not in seen:
-            seen.add(key)
-            out.append(schedule)
-    return out
+    return distinct(found)
 
 
 __all__ = ["transfer_schedule", "warm_start_schedules", "load_source", "map_choice", "neighbours", "losses_for",
