@@ -20,9 +20,9 @@ DEFAULT_DATA = "stdlib-docs"
 DEFAULT_BUDGET = "memory=50%"
 
 FULL_COMMANDS = """\
-autocompress profile smollm2-135m --data stdlib-docs --out runs/full --tokens 4096 --role-tokens 8192
+autocompress profile smollm2-135m --data stdlib-docs --out runs/full --tokens 4096 --role-tokens 8192 --calib-tokens 16384
 autocompress search  runs/full --budget memory=50% --trials 200
-autocompress apply   runs/full --calib-tokens 32768
+autocompress apply   runs/full
 autocompress eval    smollm2-135m --tokens 16384 --out runs/full/eval_original.json
 autocompress eval    runs/full/model --tokens 16384 --reference smollm2-135m --out runs/full/eval.json
 autocompress report  runs/full"""
@@ -37,6 +37,7 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     reports: Path | None = Path("reports")
     budget: str = DEFAULT_BUDGET
+    space: str = "quant-only"
     profile_tokens: int = 512
     role_tokens: int = 2048
     trials: int = 40
@@ -82,13 +83,14 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
 
     original, base = _evaluate_to(run_dir / "eval_original.json", config.model, config)
     lap("evaluate the original")
-    settings = ProfileSettings(tokens=config.profile_tokens, seq_len=256, role_tokens=config.role_tokens)
-    outcome = profile_run(config.model, run_dir, data=config.data, settings=settings)
+    settings = ProfileSettings(tokens=config.profile_tokens, seq_len=256, role_tokens=config.role_tokens,
+                               calib_tokens=config.calib_tokens)
+    outcome = profile_run(config.model, run_dir, data=config.data, space=config.space, settings=settings)
     lap("profile" + (" (reused)" if outcome.reused else ""))
     found = search(SearchSettings(str(run_dir), (config.budget,), trials=config.trials,
                                   resume=(run_dir / "study.db").exists()))
     lap("search")
-    applied = apply_run(ApplyConfig(run_dir, calib_tokens=config.calib_tokens, overwrite=True))
+    applied = apply_run(ApplyConfig(run_dir, overwrite=True))
     lap("apply")
     _, compressed = _evaluate_to(run_dir / "eval.json", str(applied.out), config, reference=original)
     lap("evaluate the compressed model")

@@ -365,13 +365,20 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Number of weights as stored (tied embeddings once); a packed quantized linear counts out x in."""
+    """Number of weights as stored (tied embeddings once); packed codes count one weight each:
+    out x in for a quantized linear, rows x dim for a quantized embedding, a head sharing the
+    embedding's codes not again."""
     seen, total = set(), 0
     for tensor in model.parameters():
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             total += tensor.numel()
     for module in model.modules():
-        if isinstance(getattr(module, "packed", None), torch.Tensor):  # QuantLinear: codes are weights too
-            total += module.in_features * module.out_features
+        packed = getattr(module, "packed", None)
+        if isinstance(packed, torch.Tensor) and packed.data_ptr() not in seen:  # codes are weights too
+            seen.add(packed.data_ptr())
+            if hasattr(module, "num_embeddings"):  # QuantEmbedding
+                total += module.num_embeddings * module.embedding_dim
+            else:
+                total += module.in_features * module.out_features
     return total

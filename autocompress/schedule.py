@@ -2,9 +2,11 @@
 
 A schedule maps *unit names* to :class:`Choice` values. A unit is either a decoder block
 (``model.layers.3``, that is ``f"{adapter.blocks_path}.{i}"``), a linear layer inside a
-block (``model.layers.3.self_attn.q_proj``), or the output head (``lm_head``). A linear-level
-entry replaces the block-level quantization and sparsity fields for that one linear; the
-structural fields (``head_ratio``, ``channel_ratio``, ``drop``) exist only at block level.
+block (``model.layers.3.self_attn.q_proj``), the token embedding (``adapter.embeddings[0]``,
+e.g. ``model.embed_tokens``; it covers a tied output head too) or an untied output head
+(``lm_head``). A linear-level entry replaces the block-level quantization and sparsity fields
+for that one linear; the structural fields (``head_ratio``, ``channel_ratio``, ``drop``) exist
+only at block level.
 
 Example::
 
@@ -26,7 +28,7 @@ from .errors import UserError
 
 SCHEDULE_TYPE = "schedule"
 SCHEDULE_VERSION = 1
-ALLOWED_BITS = (2, 3, 4, 8, 16)
+ALLOWED_BITS = (2, 3, 4, 5, 6, 8, 16)
 
 
 class QuantMethod(str, Enum):
@@ -158,6 +160,15 @@ def _parse_field(name: str, value: Any, where: str) -> Any:
     return float(value)
 
 
+def _check_embedding_choice(name: str, choice: Choice) -> None:
+    """The token embedding is quantized from its weights alone: no pruning, no GPTQ."""
+    if choice.pattern is not SparsityPattern.NONE:
+        raise UserError(f"{name}: the token embedding cannot be pruned; set only bits and group_size")
+    if choice.quantized and choice.method is QuantMethod.GPTQ:
+        raise UserError(f"{name}: the token embedding is quantized without activations; "
+                        f"use method 'rtn', not 'gptq'")
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A model fingerprint and a choice per unit; units not named keep their weights.
@@ -200,24 +211,32 @@ class Schedule:
         if self.fingerprint != actual:
             raise UserError(f"schedule was made for model {self.fingerprint}, but this model is {actual}; "
                             f"profile and search this model first")
+        from .compress.quant_embedding import head_is_tied  # noqa: PLC0415
+
         adapter = adapter_for(model)
         blocks = adapter.blocks(model)
         block_names = {f"{adapter.blocks_path}.{i}" for i in range(len(blocks))}
         linear_names = {f"{adapter.blocks_path}.{i}.{p}" for i in range(len(blocks)) for p in adapter.linears.values()}
+        embedding = adapter.embeddings[0]
         for name, choice in self.units.items():
             if name in block_names:
                 choice.check(name)
                 continue
-            if name in linear_names or name == adapter.lm_head:
+            if name == adapter.lm_head and head_is_tied(model):
+                raise UserError(f"{name}: this model ties its output head to the token embedding; "
+                                f"name the embedding unit '{embedding}' instead (it covers both)")
+            if name in linear_names or name in (adapter.lm_head, embedding):
                 choice.check(name)
                 default = Choice()
                 for attr in STRUCTURAL_FIELDS:
                     if getattr(choice, attr) != getattr(default, attr):
                         raise UserError(f"{name}: {attr} can only be set on a block, not on a linear layer")
+                if name == embedding:
+                    _check_embedding_choice(name, choice)
                 continue
             raise UserError(f"schedule names unknown unit {name!r}: expected a block like "
-                            f"'{adapter.blocks_path}.0', a linear like '{next(iter(sorted(linear_names)), '')}' "
-                            f"or '{adapter.lm_head}'")
+                            f"'{adapter.blocks_path}.0', a linear like '{next(iter(sorted(linear_names)), '')}', "
+                            f"'{embedding}' or '{adapter.lm_head}'")
         if len(blocks) and all(self.units.get(n, Choice()).drop for n in block_names):
             raise UserError("schedule drops every block; keep at least one")
 

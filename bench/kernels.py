@@ -1,4 +1,4 @@
-"""Low-bit matmul speed: packed 2/3/4/8-bit weights against a dense 16-bit ``torch.matmul``.
+"""Low-bit matmul speed: packed 2/3/4/5/6/8-bit weights against a dense 16-bit ``torch.matmul``.
 
 For each weight shape (K -> N), row count M and bit width it prints the median time, the
 effective bandwidth (bytes the call must move: packed codes, scales, zeros, x and y, over
@@ -12,7 +12,7 @@ On CPU: the PyTorch reference path in fp32 against an fp32 ``torch.matmul`` (CPU
 is emulated), SmolLM2's shapes only unless ``--shapes all``; those are reference timings on
 this CPU, not kernel figures.
 
-Run: ``.venv/bin/python -m bench.kernels [--bits 2 3 4 8] [--rows 1 16 512] [--shapes all]``
+Run: ``.venv/bin/python -m bench.kernels [--bits 2 3 4 5 6 8] [--rows 1 16 512] [--shapes all]``
 """
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def main() -> None:
     """Parse flags, print the kernel table and the model decode table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 512], help="M values")
     parser.add_argument("--shapes", choices=("smollm", "all"), default=None,

@@ -4,7 +4,7 @@ A quantized weight W of shape [N, K] (out_features, in_features) is stored as
 
 * ``packed``: uint8 [N, ceil(K * bits / 8)]. Each row is a little-endian bit stream:
   element k occupies bits [k*bits, (k+1)*bits) of the row, so 2/4/8-bit values never
-  straddle a byte and 3-bit values are packed densely (8 values in 3 bytes).
+  straddle a byte and 3/5/6-bit values are packed densely (8 values in 3, 5 or 6 bytes).
 * ``scales``, ``zeros``: fp16 (or bf16) [N, ceil(K / group_size)]; the last group may be
   narrower when group_size does not divide K. Per-channel quantization is group_size == K.
 
@@ -16,7 +16,7 @@ import math
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 
 
 def packed_row_bytes(in_features: int, bits: int) -> int:

@@ -1,4 +1,4 @@
-"""Triton kernels for ``y = x @ dequant(W).T`` with group-wise 2/3/4/8-bit packed weights.
+"""Triton kernels for ``y = x @ dequant(W).T`` with group-wise 2/3/4/5/6/8-bit packed weights.
 
 Two kernels share one dequantization step (codes -> ``(q - z) * s`` inside the K loop, fp32
 accumulation, masked tails so any M, N and K work):
@@ -13,11 +13,13 @@ The packing is :mod:`.packing`'s: element k of a row sits at bits [k*b, (k+1)*b)
 little-endian byte stream. Codes leave the bytes in one of two ways, chosen per shape by the
 autotuner (``PLANES`` in the configurations):
 
-* per element: load byte ``(k*b) >> 3`` (and the next one for 3-bit, whose codes can
-  straddle two bytes) and shift by ``(k*b) & 7``. Neighbours reload a shared byte from the
-  same cache line (the AutoGPTQ/GemLite pattern): simple, but one load per code.
+* per element: load byte ``(k*b) >> 3`` (and the next one when b does not divide 8: 3, 5
+  and 6-bit codes can straddle two bytes) and shift by ``(k*b) & 7``. Neighbours reload a
+  shared byte from the same cache line (the AutoGPTQ/GemLite pattern): simple, but one load
+  per code.
 * byte planes: load each byte once as a contiguous tile, split it into its ``8 // b`` codes
-  (3-bit: three bytes form a 24-bit word of 8 codes) and interleave them with ``tl.join``.
+  (3/6-bit: three bytes form a 24-bit word of 8/4 codes; 5-bit: five bytes hold 8 codes,
+  read as two 20-bit halves) and interleave them with ``tl.join``.
 
 Which is faster depends on the GPU and the shape; neither has been timed on a GPU yet.
 
@@ -72,9 +74,9 @@ def _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, r
     """The [BLOCK_K, BLOCK_N] tile of W.T in fp32 (columns past N are zero).
 
     ``PLANES`` picks how codes leave the bytes; the autotuner keeps the faster one:
-    False loads one byte per element (byte ``(k*b) >> 3``, plus the next for 3-bit);
-    True loads each byte once, as contiguous rows of the packed tile, and interleaves the
-    ``8 // b`` codes it holds (3-bit: three byte planes make one 24-bit word of 8 codes).
+    False loads one byte per element (byte ``(k*b) >> 3``, plus the next when b does not
+    divide 8); True loads each byte once, as contiguous rows of the packed tile, and
+    interleaves the codes it holds (3/5/6-bit: 8 codes in 3/5 bytes, 4 codes in 3 bytes).
     """
     mask_k = offs_k < K
     mask_n = offs_n < N
@@ -86,8 +88,8 @@ def _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, K, N, r
         bit = offs_k * BITS
         byte = bit >> 3
         word = tl.load(row + byte[:, None], mask=mask, other=0).to(tl.int32)
-        if BITS == 3:
-            # The next byte exists unless this is the last byte of the row.
+        if 8 % BITS != 0:
+            # Codes may straddle into the next byte, which exists unless this is the row's last.
             high_mask = mask & ((byte + 1) < row_bytes)[:, None]
             word = word | (tl.load(row + byte[:, None] + 1, mask=high_mask, other=0).to(tl.int32) << 8)
         q = (word >> (bit & 7)[:, None]) & ((1 << BITS) - 1)
@@ -116,29 +118,46 @@ def _codes_planes(row, k0, mask_n, row_bytes, BITS: tl.constexpr, BLOCK_K: tl.co
     axes in front of N puts code ``c`` of byte (or word) ``j`` at row ``j * per + c``.
     """
     if BITS == 8:
-        offs = k0 + tl.arange(0, BLOCK_K)
-        q = tl.load(row + offs[:, None], mask=(offs < row_bytes)[:, None] & mask_n[None, :], other=0).to(tl.int32)
+        q = _plane(row, k0 + tl.arange(0, BLOCK_K), mask_n, row_bytes)
     elif BITS == 4:
-        offs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        b = tl.load(row + offs[:, None], mask=(offs < row_bytes)[:, None] & mask_n[None, :], other=0).to(tl.int32)
+        b = _plane(row, k0 // 2 + tl.arange(0, BLOCK_K // 2), mask_n, row_bytes)
         q = tl.reshape(tl.permute(tl.join(b & 15, b >> 4), (0, 2, 1)), (BLOCK_K, BLOCK_N))
     elif BITS == 2:
-        offs = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-        b = tl.load(row + offs[:, None], mask=(offs < row_bytes)[:, None] & mask_n[None, :], other=0).to(tl.int32)
+        b = _plane(row, k0 // 4 + tl.arange(0, BLOCK_K // 4), mask_n, row_bytes)
         pairs = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
         q = tl.reshape(tl.permute(pairs, (0, 2, 3, 1)), (BLOCK_K, BLOCK_N))
-    else:  # 3 bits: 8 codes in each 3-byte word
-        first = (k0 // 8 + tl.arange(0, BLOCK_K // 8)) * 3
-        word = tl.load(row + first[:, None], mask=(first < row_bytes)[:, None] & mask_n[None, :],
-                       other=0).to(tl.int32)
-        word = word | (tl.load(row + first[:, None] + 1, mask=(first + 1 < row_bytes)[:, None] & mask_n[None, :],
-                               other=0).to(tl.int32) << 8)
-        word = word | (tl.load(row + first[:, None] + 2, mask=(first + 2 < row_bytes)[:, None] & mask_n[None, :],
-                               other=0).to(tl.int32) << 16)
-        low = tl.join(tl.join(word & 7, (word >> 12) & 7), tl.join((word >> 6) & 7, (word >> 18) & 7))
-        high = tl.join(tl.join((word >> 3) & 7, (word >> 15) & 7), tl.join((word >> 9) & 7, (word >> 21) & 7))
+    elif BITS == 6:  # 4 codes in each 3-byte word
+        first = (k0 // 4 + tl.arange(0, BLOCK_K // 4)) * 3
+        word = _plane(row, first, mask_n, row_bytes) | (_plane(row, first + 1, mask_n, row_bytes) << 8) \
+            | (_plane(row, first + 2, mask_n, row_bytes) << 16)
+        pairs = tl.join(tl.join(word & 63, (word >> 12) & 63), tl.join((word >> 6) & 63, word >> 18))
+        q = tl.reshape(tl.permute(pairs, (0, 2, 3, 1)), (BLOCK_K, BLOCK_N))
+    else:
+        if BITS == 3:  # 8 codes in each 3-byte word
+            first = (k0 // 8 + tl.arange(0, BLOCK_K // 8)) * 3
+            lo = _plane(row, first, mask_n, row_bytes) | (_plane(row, first + 1, mask_n, row_bytes) << 8) \
+                | (_plane(row, first + 2, mask_n, row_bytes) << 16)
+            hi = lo >> 12
+        else:  # 5 bits: 8 codes in 5 bytes, as two 20-bit halves (bits 0-19 and 20-39) in int32
+            first = (k0 // 8 + tl.arange(0, BLOCK_K // 8)) * 5
+            middle = _plane(row, first + 2, mask_n, row_bytes)
+            lo = _plane(row, first, mask_n, row_bytes) | (_plane(row, first + 1, mask_n, row_bytes) << 8) \
+                | (middle << 16)
+            hi = (middle >> 4) | (_plane(row, first + 3, mask_n, row_bytes) << 4) \
+                | (_plane(row, first + 4, mask_n, row_bytes) << 12)
+        # Codes 0-3 are at BITS * c in lo, codes 4-7 at BITS * (c - 4) in hi.
+        m = (1 << BITS) - 1
+        low = tl.join(tl.join(lo & m, hi & m), tl.join((lo >> 2 * BITS) & m, (hi >> 2 * BITS) & m))
+        high = tl.join(tl.join((lo >> BITS) & m, (hi >> BITS) & m),
+                       tl.join((lo >> 3 * BITS) & m, (hi >> 3 * BITS) & m))
         q = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 3, 4, 1)), (BLOCK_K, BLOCK_N))
     return q
+
+
+@triton.jit
+def _plane(row, offs, mask_n, row_bytes):
+    """Bytes ``offs`` [W] of the rows ``row`` [1, BLOCK_N] as an int32 [W, BLOCK_N] tile, 0 past the row end."""
+    return tl.load(row + offs[:, None], mask=(offs < row_bytes)[:, None] & mask_n[None, :], other=0).to(tl.int32)
 
 
 @triton.jit

@@ -16,11 +16,11 @@ import traceback
 
 import torch
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128, None)  # None: per-channel (one group spanning K)
 ROWS = (1, 7, 64)  # decode (split-K) for 1 and 7, tiled GEMM for 64
 # (N, K, x dtype, scale dtype): K and N are not multiples of the 64-wide interpreter blocks;
-# K % 128 != 0 leaves a narrower last group, and 333 * 3 bits ends mid-byte.
+# K % 128 != 0 leaves a narrower last group, and 333 * 3 (or 5, 6) bits ends mid-byte.
 SHAPES = ((72, 200, torch.float32, torch.float16), (130, 333, torch.float16, torch.bfloat16))
 TOLERANCE = 1e-3
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig
 
 from autocompress.compress.apply import apply, compress_block
 from autocompress.compress.calibrate import capture_block_inputs, run_block
+from autocompress.compress.quant_embedding import embedding_unit, head_is_tied
 from autocompress.compress.quantize import QuantLinear
 from autocompress.compress.saving import load_compressed, save_compressed
 from autocompress.errors import UserError
@@ -33,7 +34,8 @@ def mixed_schedule(model) -> Schedule:
         f"{path}.1.{first}": Choice(bits=8, group_size=None),
         f"{path}.2": Choice(bits=2, group_size=None, sparsity=0.5, pattern=SparsityPattern.TWO_FOUR,
                             score=PruneScore.MAGNITUDE),
-        "lm_head": Choice(bits=4, group_size=64),
+        # a tied head is quantized through the embedding unit, which covers both
+        embedding_unit(model) if head_is_tied(model) else "lm_head": Choice(bits=4, group_size=64),
     })
 
 

@@ -14,7 +14,7 @@ import torch
 import kernel_cases
 from autocompress.compress.quantize import QuantLinear, quantize_linear, quantize_rtn
 from autocompress.kernels import _triton_guard as guard
-from autocompress.kernels import dequantize, pack, quant_matmul, select_backend, unpack
+from autocompress.kernels import SUPPORTED_BITS, dequantize, pack, packed_nbytes, quant_matmul, select_backend, unpack
 from autocompress.kernels.reference import dequantize_fp32, gemm_reference, splitk_reference, unpack_codes
 
 # --- Triton under the interpreter (one subprocess for every case) ---------------------------
@@ -56,7 +56,7 @@ def test_interpreter_end_to_end(interpreter_results):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the interpreter cases run on CPU)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", kernel_cases.BITS)
 @pytest.mark.parametrize("rows", [1, 7, 300])
 def test_triton_on_cuda_matches_reference(dtype, bits, rows):
     """The compiled, autotuned kernels on a GPU (bf16 included, which the interpreter gets wrong)."""
@@ -84,10 +84,10 @@ def _handmade_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return weight
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", kernel_cases.BITS)
 @pytest.mark.parametrize("group", [4, 16])
 def test_reference_matches_handmade_dequantization(bits, group):
-    n, k = 5, 27  # odd K: a narrower last group and (for 3 bits) a row ending mid-byte
+    n, k = 5, 27  # odd K: a narrower last group and (for 3, 5, 6 bits) a row ending mid-byte
     _, scales, zeros = kernel_cases.random_weight(n, k, bits, group, torch.float16, seed=bits * 100 + group)
     codes = torch.randint(0, 1 << bits, (n, k), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
     packed = pack(codes, bits)
@@ -98,13 +98,52 @@ def test_reference_matches_handmade_dequantization(bits, group):
         assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5), twin.__name__
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", kernel_cases.BITS)
 @pytest.mark.parametrize("n, k, group", [(6, 256, 128), (5, 333, 64), (3, 77, 77), (4, 13, 32)])
 def test_reference_dequantization_is_bitwise_packing_dequantize(bits, n, k, group):
     packed, scales, zeros = kernel_cases.random_weight(n, k, bits, group, torch.float16, seed=n * k + bits)
     assert torch.equal(unpack_codes(packed, bits, k), unpack(packed, bits, k))
     assert torch.equal(dequantize_fp32(packed, scales, zeros, bits, group, k),
                        dequantize(packed, scales, zeros, bits, group, k))
+
+
+def test_supported_bits_are_the_tested_ones():
+    assert SUPPORTED_BITS == kernel_cases.BITS == (2, 3, 4, 5, 6, 8)
+
+
+@pytest.mark.parametrize("bits", kernel_cases.BITS)
+@pytest.mark.parametrize("k", [1, 5, 8, 13, 27, 333])
+def test_pack_unpack_round_trip(bits, k):
+    codes = torch.randint(0, 1 << bits, (7, k), generator=torch.Generator().manual_seed(bits * 1000 + k),
+                          dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (7, -(-k * bits // 8))
+    assert torch.equal(unpack(packed, bits, k), codes)
+    assert torch.equal(unpack_codes(packed, bits, k), codes)
+
+
+@pytest.mark.parametrize("bits, k, stream", [
+    # Bit streams written by hand: element j at bits [j*b, (j+1)*b), little-endian.
+    (5, 8, [0b00100001, 0b00001100, 0b01010010, 0b11010000, 0b11111011]),  # codes 1, 1, 3, 4, 5, 8, 15, 31
+    (5, 2, [0b11111111, 0b00000011]),                                     # codes 31, 31
+    (6, 4, [0b01000001, 0b00110000, 0b11111100]),                          # codes 1, 1, 3, 63
+    (6, 3, [0b00000010, 0b11110000, 0b00000011]),                          # codes 2, 0, 63
+])
+def test_5_and_6_bit_streams_by_hand(bits, k, stream):
+    codes = {(5, 8): [1, 1, 3, 4, 5, 8, 15, 31], (5, 2): [31, 31], (6, 4): [1, 1, 3, 63], (6, 3): [2, 0, 63]}
+    want = torch.tensor([codes[bits, k]], dtype=torch.uint8)
+    packed = torch.tensor([stream], dtype=torch.uint8)
+    assert torch.equal(pack(want, bits), packed)
+    assert torch.equal(unpack(packed, bits, k), want)
+    assert torch.equal(unpack_codes(packed, bits, k), want)
+
+
+@pytest.mark.parametrize("bits", kernel_cases.BITS)
+@pytest.mark.parametrize("n, k, group", [(6, 256, 128), (5, 333, 64), (3, 77, 77)])
+def test_packed_nbytes_is_the_tensor_bytes(bits, n, k, group):
+    packed, scales, zeros = kernel_cases.random_weight(n, k, bits, group, torch.float16, seed=bits)
+    actual = sum(t.numel() * t.element_size() for t in (packed, scales, zeros))
+    assert packed_nbytes(n, k, bits, group) == actual
 
 
 def test_splitk_twin_sums_to_gemm_twin():
@@ -165,7 +204,7 @@ def test_explicit_reference_override():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"bits": 5}, "bits must be one of"),
+    ({"bits": 7}, "bits must be one of"),
     ({"in_features": 65}, "last dimension"),
     ({"x": torch.randn(2, 63)}, "last dimension"),
     ({"group_size": 16}, "scales must have shape"),
@@ -203,6 +242,8 @@ def test_quantlinear_uses_the_dispatcher():
 @pytest.mark.parametrize("kernel, bits, dtype, group, planes", [
     ("gemm", 3, "fp16", 32, False), ("gemm", 4, "bf16", 128, True),
     ("splitk", 4, "bf16", 128, False), ("splitk", 3, "fp16", 64, True),
+    ("gemm", 5, "fp16", 128, True), ("splitk", 6, "bf16", 32, True),
+    ("gemm", 6, "bf16", 64, False), ("splitk", 5, "fp16", 128, False),
 ])
 def test_kernels_compile_for_hopper(kernel, bits, dtype, group, planes):
     """Lowering to sm_90 machine code catches what the interpreter cannot (layouts, dot shapes, dtypes)."""

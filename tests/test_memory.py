@@ -10,6 +10,7 @@ import torch
 
 from autocompress.compress.apply import apply
 from autocompress.compress.memory import MemoryModel, dense_bytes, stored_bytes, unit_bytes
+from autocompress.compress.quant_embedding import embedding_unit, head_is_tied
 from autocompress.compress.saving import save_compressed
 from autocompress.models import adapter_for, model_fingerprint, normalize, parameter_count
 from autocompress.schedule import Choice, PruneScore, QuantMethod, Schedule, SparsityPattern
@@ -23,12 +24,19 @@ def payload_bytes(path) -> int:
     return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
 
 
+def head_entry(model, choice: Choice) -> dict[str, Choice]:
+    """The output head's schedule entry: a tied head is the embedding unit's (quantized, never pruned)."""
+    if not head_is_tied(model):
+        return {"lm_head": choice}
+    return {embedding_unit(model): Choice(bits=choice.bits, group_size=choice.group_size)}
+
+
 def schedules(model) -> dict[str, Schedule]:
     adapter = adapter_for(model)
     path, fingerprint = adapter.blocks_path, model_fingerprint(model)
     down = adapter.linears["down"]
     return {
-        "dense": Schedule(fingerprint, {"lm_head": Choice()}),
+        "dense": Schedule(fingerprint, head_entry(model, Choice())),
         # K = 96 (down) with groups of 64: a narrow last group of 32; per-channel elsewhere
         "narrow-groups": Schedule(fingerprint, {
             **{f"{path}.{i}": Choice(bits=3, group_size=64) for i in range(3)},
@@ -40,13 +48,14 @@ def schedules(model) -> dict[str, Schedule]:
             f"{path}.2": Choice(sparsity=0.5, pattern=SparsityPattern.TWO_FOUR, score=PruneScore.MAGNITUDE,
                                 channel_ratio=0.5),
             f"{path}.2.{down}": Choice(bits=4, group_size=64),
-            "lm_head": Choice(bits=8, group_size=128)}),
-        "quantized-head": Schedule(fingerprint, {"lm_head": Choice(bits=4, group_size=None)}),
+            **head_entry(model, Choice(bits=8, group_size=128))}),
+        "quantized-head": Schedule(fingerprint, head_entry(model, Choice(bits=4, group_size=None))),
         "pruned-gptq-head": Schedule(fingerprint, {
             f"{path}.0": Choice(bits=4, group_size=32, method=QuantMethod.GPTQ),
-            "lm_head": Choice(bits=3, group_size=32, method=QuantMethod.GPTQ, sparsity=0.25,
-                              pattern=SparsityPattern.UNSTRUCTURED)}),
-        "pruned-head": Schedule(fingerprint, {"lm_head": Choice(sparsity=0.5, pattern=SparsityPattern.TWO_FOUR)}),
+            **head_entry(model, Choice(bits=3, group_size=32, method=QuantMethod.GPTQ, sparsity=0.25,
+                                       pattern=SparsityPattern.UNSTRUCTURED))}),
+        "pruned-head": Schedule(fingerprint, head_entry(model, Choice(sparsity=0.5,
+                                                                      pattern=SparsityPattern.TWO_FOUR))),
     }
 
 
@@ -106,7 +115,7 @@ def test_file_size_is_within_one_percent_of_the_prediction(tmp_path):
         "model.layers.0": Choice(bits=3, group_size=128, method=QuantMethod.GPTQ, channel_ratio=0.25),
         "model.layers.1": Choice(bits=4, group_size=64),  # 320 = 2.5 x 128, 864 = 13.5 x 64
         "model.layers.1.mlp.down_proj": Choice(bits=2, group_size=128),
-        "lm_head": Choice(bits=4, group_size=128),
+        "model.embed_tokens": Choice(bits=4, group_size=128),  # tied: the head shares its codes
     })
     predicted = MemoryModel.from_model(model).schedule_bytes(schedule)
     apply(model, schedule, random_tokens(4 * 64).view(4, 64), progress=False, fingerprint=fingerprint)

@@ -25,3 +25,12 @@ def test_non_editable_install_ships_kernels_spaces_and_the_command(tmp_path):
     help_run = subprocess.run([str(target / "bin" / "autocompress"), "--help"], cwd=tmp_path, env=env,
                               capture_output=True, text=True)
     assert help_run.returncode == 0 and "eval" in help_run.stdout, help_run.stderr
+
+
+def test_every_package_is_listed_in_pyproject():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "autocompress").rglob("__init__.py")}
+    found |= {"autocompress.kernels", "autocompress.search_spaces"}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"

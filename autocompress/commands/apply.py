@@ -44,7 +44,13 @@ def register(verbs) -> None:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ap.add_argument("--model", metavar="MODEL", help="model to compress (default: the schedule's meta.model)")
     ap.add_argument("--data", help="calibration data (default: the schedule's meta.data or stdlib-docs)")
-    ap.add_argument("--calib-tokens", type=positive_int, default=8192, help="calibration tokens (default 8192)")
+    ap.add_argument("--calib-tokens", type=positive_int, default=None,
+                    help="calibrate on this many tokens from the start of the calibration split instead of the "
+                         "run's calibration rows (default: the run's rows, so the model shipped is the one the "
+                         "search measured; distillation reads 8192)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="calibrate each block on the compressed blocks' outputs (GPTQ's reference order) "
+                         "instead of the original model's, as the profile and search measured")
     ap.add_argument("--valid-tokens", type=positive_int, default=2048,
                     help="validation tokens held aside from calibration (default 2048)")
     ap.add_argument("--seq-len", type=positive_int, default=512, help="calibration row length (default 512)")
@@ -115,6 +121,7 @@ def run(args) -> int:
     result = apply_run(ApplyConfig(run_dir=Path(args.run_dir), schedule=Path(args.schedule) if args.schedule else None,
                                    out=Path(args.out) if args.out else None, model=args.model, data=args.data,
                                    calib_tokens=args.calib_tokens, valid_tokens=args.valid_tokens,
+                                   sequential=args.sequential,
                                    seq_len=args.seq_len, staged=staged, overwrite=args.overwrite,
                                    trust_remote_code=args.trust_remote_code))
     console = Console()

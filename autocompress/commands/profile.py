@@ -20,6 +20,13 @@ def register(verbs) -> None:
     pr.add_argument("--out", required=True, metavar="RUN", help="run directory (profile.json goes there)")
     pr.add_argument("--tokens", type=positive_int, default=2048, help="calibration tokens measured (default 2048)")
     pr.add_argument("--seq-len", type=positive_int, default=256, help="tokens per calibration row (default 256)")
+    pr.add_argument("--calib-tokens", type=positive_int, default=4096,
+                    help="the run's calibration tokens: GPTQ Hessians and Wanda norms of profile, search and apply "
+                         "(default 4096)")
+    pr.add_argument("--calib-seq-len", type=positive_int, default=512, help="tokens per calibration row (default 512)")
+    pr.add_argument("--calibration", choices=["curated", "first"], default="curated",
+                    help="how the calibration rows are chosen: curated (cover the data's variety, plus the "
+                         "windows the model finds hardest) or first (the top of the split) (default: curated)")
     pr.add_argument("--granularity", choices=["block", "linear"], help="override the space's unit granularity")
     pr.add_argument("--roles", action=argparse.BooleanOptionalAction, default=True,
                     help="probe the blocks' linguistic roles (default: on)")
@@ -46,7 +53,8 @@ def run(args) -> int:
     from ..profile.tables import additivity_table, proxy_table, role_curve_table, sensitivity_table  # noqa: PLC0415
 
     settings = ProfileSettings(tokens=args.tokens, seq_len=args.seq_len, roles=args.roles,
-                               role_tokens=args.role_tokens, proxies=args.proxies)
+                               role_tokens=args.role_tokens, proxies=args.proxies, calib_tokens=args.calib_tokens,
+                               calib_seq_len=args.calib_seq_len, calibration=args.calibration)
     if args.predict:
         from ..transfer.guided import guided_profile_run  # noqa: PLC0415
 

@@ -17,9 +17,10 @@ from ..models import FamilyAdapter, HeadLayout, adapter_for, config_head_dim
 from ..progress import progress_bar
 from ..schedule import Choice, PruneScore, QuantMethod, Schedule, SparsityPattern
 from .calibrate import BlockInputs, LinearStats, capture_block_inputs, collect_stats, run_block, token_batch
-from .gptq import gptq_quantize
+from .gptq import gptq_quantize, gptq_quantize_many
 from .prune import (channel_scores, drop_blocks, head_group_scores, keep_top, kept_channels, kept_heads,
                     prune_channels, prune_heads, set_submodule, sparsity_mask, weight_scores)
+from .quant_embedding import quantize_embeddings_
 from .quantize import QuantLinear, quantize_rtn
 from .storage import round_to_storage
 
@@ -114,29 +115,70 @@ def compress_linear(module: nn.Linear, choice: Choice, stats: LinearStats | None
     if choice.method is QuantMethod.GPTQ:
         if stats is None or stats.hessian is None:
             raise ValueError("GPTQ needs the layer's Hessian from calibration")
-        q = gptq_quantize(module.weight, stats.hessian, choice.bits, choice.group_size,
-                          act_order=choice.act_order, mask=mask)
+        key = _memo_key(choice, module.weight.shape)
+        q = stats.memo.get(key) if mask is None else None
+        if q is None:
+            q = gptq_quantize(module.weight, stats.hessian, choice.bits, choice.group_size,
+                              act_order=choice.act_order, mask=mask)
+            if mask is None:
+                stats.memo[key] = q
     else:
         q = quantize_rtn(module.weight, choice.bits, choice.group_size, mask)
     return QuantLinear.from_quantized(q, module.bias)
 
 
+def block_stats(block: nn.Module, model: nn.Module, inputs: BlockInputs, *, batch_size: int = 8) -> dict[str, LinearStats]:
+    """Every linear's input statistics (Wanda norms and GPTQ Hessians) on the *unchanged* block.
+
+    Computed once per block and handed to :func:`compress_block_` as ``stats``, they make every
+    choice of the block a pure function of the original weights and these inputs: the profile,
+    the search's trials and ``apply`` then produce the very same codes for the same choice.
+    """
+    adapter = adapter_for(model)
+    modules = {path: block.get_submodule(path) for path in adapter.linears.values()}
+    return collect_stats(block, inputs, modules, set(modules), batch_size=batch_size)
+
+
+def _memo_key(choice: Choice, shape) -> tuple:
+    return (choice.bits, choice.group_size, choice.act_order, tuple(shape))
+
+
+@torch.no_grad()
+def precompute_gptq(block: nn.Module, model: nn.Module, stats: dict[str, LinearStats], choices) -> None:
+    """Fill ``stats``' GPTQ memo for every linear of the unchanged ``block`` under each act-order GPTQ
+    choice in ``choices``, one stacked pass per linear (:func:`~.gptq.gptq_quantize_many`)."""
+    grids = sorted({(c.bits, c.group_size) for c in choices
+                    if c.quantized and c.method is QuantMethod.GPTQ and c.act_order}, key=str)
+    for path in adapter_for(model).linears.values():
+        weight, linear_stats = block.get_submodule(path).weight, stats[path]
+        todo = [grid for grid in grids if _memo_key(Choice(bits=grid[0], group_size=grid[1], act_order=True),
+                                                    weight.shape) not in linear_stats.memo]
+        if not todo or linear_stats.hessian is None:
+            continue
+        for (bits, group), q in zip(todo, gptq_quantize_many(weight, linear_stats.hessian, todo)):
+            linear_stats.memo[_memo_key(Choice(bits=bits, group_size=group, act_order=True), weight.shape)] = q
+
+
 @torch.no_grad()
 def compress_block_(block: nn.Module, model: nn.Module, choice: Choice, inputs: BlockInputs | None, *,
-                    linear_choices: dict[str, Choice] | None = None, batch_size: int = 8) -> nn.Module:
+                    linear_choices: dict[str, Choice] | None = None, batch_size: int = 8,
+                    stats: dict[str, LinearStats] | None = None) -> nn.Module:
     """Compress ``block`` in place (structure first, then masks, then codes); returns it.
 
     A dropped block returns a :class:`DroppedBlock`. ``linear_choices`` (path inside the
     block -> choice) overrides ``choice`` for single linears. ``inputs`` may be None when
-    nothing needs activation statistics.
+    nothing needs activation statistics. ``stats`` (from :func:`block_stats`) are the original
+    block's statistics: with them every linear is compressed against its original inputs and
+    nothing is re-collected after earlier stages change (deterministic per choice).
     """
     if choice.drop:
         return DroppedBlock()
     adapter = adapter_for(model)
     linear_choices = {path: (linear_choices or {}).get(path, choice) for path in adapter.linears.values()}
     gptq_paths = _gptq_paths(linear_choices)
-    stats: dict[str, LinearStats] = {}
-    if _needs_norms(choice, linear_choices) or gptq_paths:
+    fixed = stats is not None
+    stats = dict(stats) if fixed else {}
+    if not fixed and (_needs_norms(choice, linear_choices) or gptq_paths):
         if inputs is None:
             raise ValueError("this choice needs calibration inputs (Wanda scores or GPTQ Hessians)")
         modules = {path: block.get_submodule(path) for path in adapter.linears.values()}
@@ -162,7 +204,7 @@ def compress_block_(block: nn.Module, model: nn.Module, choice: Choice, inputs: 
     changed = False
     for paths in stage_paths(adapter):
         needy = [path for path in paths if _needs_stats(linear_choices[path])]
-        if changed and needy:
+        if changed and needy and not fixed:
             modules = {path: block.get_submodule(path) for path in paths}
             fresh = collect_stats(block, inputs, modules, gptq_paths & set(paths), batch_size=batch_size,
                                   stop_early=True)
@@ -178,7 +220,7 @@ def compress_block_(block: nn.Module, model: nn.Module, choice: Choice, inputs: 
 def compress_block(block: nn.Module, block_index: int, model: nn.Module, choice: Choice,
                    block_inputs: torch.Tensor | BlockInputs | None = None, *,
                    linear_choices: dict[str, Choice] | None = None, batch_size: int = 8,
-                   **forward_kwargs) -> nn.Module:
+                   stats: dict[str, LinearStats] | None = None, **forward_kwargs) -> nn.Module:
     """A compressed copy of one decoder block; ``block`` itself is untouched.
 
     ``block_inputs`` are the block's cached input hidden states [n, seq, hidden] (or a
@@ -200,7 +242,7 @@ def compress_block(block: nn.Module, block_index: int, model: nn.Module, choice:
     if choice.drop:
         return DroppedBlock()
     return compress_block_(copy.deepcopy(block), model, choice, block_inputs,
-                           linear_choices=linear_choices, batch_size=batch_size)
+                           linear_choices=linear_choices, batch_size=batch_size, stats=stats)
 
 
 def _as_token_batch(calibration_tokens, seq_len: int) -> torch.Tensor | None:
@@ -212,14 +254,18 @@ def _as_token_batch(calibration_tokens, seq_len: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def apply(model: nn.Module, schedule: Schedule, calibration_tokens=None, *, progress: bool = True,
-          seq_len: int = 512, batch_size: int = 8, fingerprint: str | None = None) -> nn.Module:
+          seq_len: int = 512, batch_size: int = 8, fingerprint: str | None = None,
+          sequential: bool = False) -> nn.Module:
     """Compress ``model`` in place as ``schedule`` says; returns it.
 
     ``calibration_tokens`` is a LongTensor [n, seq], a 1-D stream (cut into ``seq_len``
     rows) or a :class:`~autocompress.data.TokenStream`; it may be None when no choice needs
-    statistics (RTN, magnitude pruning). Blocks are pruned, then quantized, one at a time; the
-    next block is calibrated on the compressed block's outputs. Everything not quantized ends
-    up rounded to its 16-bit storage type, so the in-memory model equals its saved form.
+    statistics (RTN, magnitude pruning). Blocks are pruned, then quantized, one at a time.
+    By default every block is calibrated on the *original* model's activations
+    (:func:`block_stats`), exactly as the profile and the search's trials compress it, so the
+    shipped model is the one that was measured; ``sequential=True`` calibrates each block on
+    the compressed blocks' outputs instead (GPTQ's reference order). Everything not quantized
+    ends up rounded to its 16-bit storage type, so the in-memory model equals its saved form.
 
     Example::
 
@@ -244,19 +290,35 @@ def apply(model: nn.Module, schedule: Schedule, calibration_tokens=None, *, prog
     with progress_bar("compressing blocks", len(blocks), progress) as advance:
         for index in range(len(blocks)):
             choice, linears = plans[index]
-            block = compress_block_(blocks[index], model, choice, inputs if index <= last_needed else None,
-                                    linear_choices=linears, batch_size=batch_size)
+            block_inputs = inputs if index <= last_needed else None
+            stats = None
+            if not sequential and block_inputs is not None:
+                if needs_calibration(choice, {p: linears.get(p, choice) for p in paths}):
+                    stats = block_stats(blocks[index], model, block_inputs, batch_size=batch_size)
+                if index < last_needed:  # the next block is calibrated on the original's outputs
+                    inputs = inputs.with_hidden(run_block(blocks[index], inputs, batch_size=batch_size))
+            block = compress_block_(blocks[index], model, choice, block_inputs,
+                                    linear_choices=linears, batch_size=batch_size, stats=stats)
             if choice.drop:
                 dropped.append(index)
-            elif index < last_needed:
+            elif sequential and index < last_needed:
                 inputs = inputs.with_hidden(run_block(block, inputs, batch_size=batch_size))
             advance()
-    if head_choice is not None and head_choice.changes_weights:
+    # The embedding unit (a tied head with it) and a plain RTN head: quantize_embeddings_;
+    # a GPTQ or pruned untied head: _compress_head, with its calibration statistics.
+    plain_head = head_choice is not None and _plain_quantization(head_choice)
+    if head_choice is not None and head_choice.changes_weights and not plain_head:
         _compress_head(model, adapter, head_choice, inputs if head_calibrated else None, batch_size)
     if dropped:
         drop_blocks(model, dropped)
+    quantize_embeddings_(model, schedule.units.get(adapter.embeddings[0]), head_choice if plain_head else None)
     round_to_storage(model)
     return model
+
+
+def _plain_quantization(choice: Choice) -> bool:
+    """Round-to-nearest codes and no pruning: what :func:`.quant_embedding.quantize_embeddings_` does."""
+    return choice.quantized and choice.method is QuantMethod.RTN and choice.pattern is SparsityPattern.NONE
 
 
 def _compress_head(model: nn.Module, adapter: FamilyAdapter, choice: Choice, inputs: BlockInputs | None,

@@ -6,9 +6,12 @@ or in gated steps with :func:`~autocompress.compress.staged.staged_apply`, measu
 validation perplexity before and after, and saves the model with
 :func:`~autocompress.compress.saving.save_compressed`.
 
-Data: ``calib_tokens`` tokens from the start of the calibration split feed the statistics
-(and distillation); the next ``valid_tokens`` tokens of the same split, never seen by the
-compression, are the validation slice.
+Data: the run's calibration rows (``RUN/calibration.safetensors``, chosen by ``profile``)
+feed the statistics, so the model shipped is the model the search measured; ``calib_tokens``
+replaces them with that many tokens from the start of the calibration split (then the codes
+may differ from the measured ones, and the result says so). Distillation reads
+``calib_tokens`` (default 8192) from the split. The ``valid_tokens`` after everything the
+calibration drew from, never seen by the compression, are the validation slice.
 
 Example::
 
@@ -35,8 +38,9 @@ class ApplyConfig:
     out: Path | None = None
     model: str | None = None
     data: str | None = None
-    calib_tokens: int = 8192
+    calib_tokens: int | None = None
     valid_tokens: int = 2048
+    sequential: bool = False
     seq_len: int = 512
     batch_size: int = 8
     eval_window: int = 256
@@ -63,6 +67,7 @@ class ApplyResult:
     valid_tokens: int
     seconds: float
     staged: StagedResult | None = None
+    calibration: str = ""
 
 
 def _model_spec(config: ApplyConfig, schedule: Schedule, path: Path, profile) -> str:
@@ -80,6 +85,7 @@ def apply_run(config: ApplyConfig) -> ApplyResult:
     from ..evaluate import perplexity  # noqa: PLC0415
     from ..models import load_model, model_fingerprint, parameter_count  # noqa: PLC0415
     from ..profile.artifact import Profile  # noqa: PLC0415
+    from ..run_calibration import load_calibration  # noqa: PLC0415
     from .apply import apply  # noqa: PLC0415
     from .memory import MemoryModel, dense_bytes, stored_bytes  # noqa: PLC0415
     from .saving import save_compressed  # noqa: PLC0415
@@ -103,8 +109,18 @@ def apply_run(config: ApplyConfig) -> ApplyResult:
     model = loaded.model
     fingerprint = model_fingerprint(model)
     schedule.validate(model, fingerprint=fingerprint)
-    calib = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, config.calib_tokens)
-    valid = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, config.valid_tokens, start=config.calib_tokens)
+    recorded = profile.meta.get("calibration", {}).get("fingerprint") if profile is not None else None
+    run_calibration = load_calibration(run_dir, recorded) if profile is not None else None
+    calib_count = config.calib_tokens or 8192
+    calib = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, calib_count)
+    span = run_calibration.span if run_calibration is not None else 0
+    if run_calibration is not None and config.calib_tokens is None and config.staged is None:
+        calib_rows, valid_start = run_calibration.rows, span
+        described = f"the run's {run_calibration.mode} rows ({run_calibration.fingerprint}), as measured"
+    else:
+        calib_rows, valid_start = calib.tokens, max(calib_count, span)
+        described = f"the first {calib_count} tokens of the calibration split"
+    valid = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, config.valid_tokens, start=valid_start)
     window = min(config.eval_window, config.valid_tokens)
     memory = MemoryModel.from_model(model)
     bytes_before, params_before = dense_bytes(model), parameter_count(model)
@@ -122,15 +138,15 @@ def apply_run(config: ApplyConfig) -> ApplyResult:
         ppl_before, ppl_after = staged.original.perplexity, staged.final.perplexity
     else:
         ppl_before = perplexity(model, valid.tokens, window=window)
-        apply(model, schedule, calib.tokens, progress=config.progress, seq_len=config.seq_len,
-              batch_size=config.batch_size, fingerprint=fingerprint)
+        apply(model, schedule, calib_rows, progress=config.progress, seq_len=config.seq_len,
+              batch_size=config.batch_size, fingerprint=fingerprint, sequential=config.sequential)
         ppl_after = perplexity(model, valid.tokens, window=window)
     save_compressed(model, loaded.tokenizer, schedule, out, overwrite=config.overwrite)
     return ApplyResult(out=out, model=spec, data=data, bytes_before=bytes_before, bytes_after=stored_bytes(model),
                        bytes_predicted=predicted, parameters_before=params_before,
                        parameters_after=parameter_count(model), perplexity_before=ppl_before,
                        perplexity_after=ppl_after, valid_tokens=int(valid.tokens.numel()),
-                       seconds=time.perf_counter() - started, staged=staged)
+                       seconds=time.perf_counter() - started, staged=staged, calibration=described)
 
 
 def apply_table(result: ApplyResult):
@@ -146,5 +162,6 @@ def apply_table(result: ApplyResult):
     table.add_row("parameters", f"{result.parameters_before:,}", f"{result.parameters_after:,}")
     table.add_row(f"validation perplexity ({result.valid_tokens:,} tokens)", f"{result.perplexity_before:.3f}",
                   f"{result.perplexity_after:.3f}")
+    table.add_row("calibration", "", result.calibration)
     table.add_row("wall time", "", f"{result.seconds:.1f} s")
     return table

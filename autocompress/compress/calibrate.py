@@ -128,6 +128,8 @@ class LinearStats:
     sqnorm: torch.Tensor
     hessian: torch.Tensor | None
     tokens: int
+    # GPTQ results already computed from this Hessian: (bits, group, act_order, weight shape) -> codes.
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def select(self, cols: torch.Tensor) -> LinearStats:
         """The statistics of a subset of input columns (after structured pruning)."""

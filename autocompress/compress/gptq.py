@@ -111,3 +111,92 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 
     codes = codes[:, inv_perm]
     return QuantizedWeight(packing.pack(codes, bits), scales, zeros, bits, g, k)
+
+
+OBSERVERS = ("minmax", "mse", "hqq")
+
+
+def _observe(weight: torch.Tensor, bits: int, g: int, observer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scales, zeros) [N, groups] of ``weight`` for static groups of ``g`` columns."""
+    if observer == "minmax":
+        n, k = weight.shape
+        groups = packing.num_groups(k, g)
+        scales = torch.empty(n, groups, dtype=SCALE_DTYPE, device=weight.device)
+        zeros = torch.empty_like(scales)
+        for index in range(groups):
+            cols = slice(index * g, min((index + 1) * g, k))
+            scales[:, index], zeros[:, index] = group_params(weight[:, cols], bits)
+        return scales, zeros
+    from .hqq import quantize_hqq, quantize_mse  # noqa: PLC0415
+
+    if observer == "mse":
+        q = quantize_mse(weight, bits, g)
+    elif observer == "hqq":
+        q = quantize_hqq(weight, bits, g, optimize_scale=True)
+    else:
+        raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
+    return q.scales, q.zeros
+
+
+@torch.no_grad()
+def gptq_quantize_many(weight: torch.Tensor, hessian: torch.Tensor, grids: list[tuple[int, int | None]], *,
+                       damp: float = 0.01, block_size: int = 128, observer: str = "minmax") -> list[QuantizedWeight]:
+    """GPTQ with act-order for several (bits, group_size) grids of one weight in a single pass.
+
+    GPTQ's updates are independent per output row given the shared Hessian, and with
+    act-order every grid's group parameters are fixed up front, so the grids are stacked as
+    rows of one [len(grids) * N, K] problem: the column loop (Python-bound on a CPU) runs once
+    instead of once per grid. Each result equals ``gptq_quantize(..., act_order=True)`` for
+    its grid up to float rounding of the shared updates.
+
+    ``observer`` sets the groups' scale and zero from the original weights: ``minmax`` (the
+    group's range, as GPTQ's reference code), ``mse`` (the clipped range with the lowest
+    squared error, :func:`~.hqq.quantize_mse`) or ``hqq`` (:func:`~.hqq.quantize_hqq`'s
+    optimized zero and scale). Codes are ``round(w / s + z)``, so fractional zeros work.
+    """
+    n, k = weight.shape
+    w0 = weight.detach().float()
+    h = hessian.detach().float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w0 = w0.clone()
+    w0[:, dead] = 0.0
+    metas, scale_cols, zero_cols, maxqs = [], [], [], []
+    for bits, group_size in grids:
+        g = effective_group_size(group_size, k)
+        groups = packing.num_groups(k, g)
+        scales, zeros = _observe(w0, bits, g, observer)
+        group_of = torch.arange(k, device=w0.device) // g
+        scale_cols.append(scales.float()[:, group_of])
+        zero_cols.append(zeros.float()[:, group_of])
+        maxqs.append(torch.full((n, 1), float((1 << bits) - 1), device=w0.device))
+        metas.append((bits, g, scales, zeros))
+    perm = torch.argsort(h.diagonal(), descending=True)
+    inv_perm = torch.argsort(perm)
+    w = w0.repeat(len(grids), 1)[:, perm].contiguous()
+    s_all = torch.cat(scale_cols)[:, perm].contiguous()
+    z_all = torch.cat(zero_cols)[:, perm].contiguous()
+    maxq = torch.cat(maxqs).squeeze(1)
+    hinv = _inverse_cholesky(h[perm][:, perm], damp)
+    codes = torch.zeros_like(w, dtype=torch.uint8)
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
+        w1 = w[:, start:end].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            scale, zero = s_all[:, col], z_all[:, col]
+            column = w1[:, i]
+            q = torch.minimum(torch.clamp(torch.round(column / scale + zero), min=0), maxq)
+            codes[:, col] = q.to(torch.uint8)
+            err = (column - (q - zero) * scale) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, end:] -= err1 @ hinv[start:end, end:]
+    codes = codes[:, inv_perm]
+    out = []
+    for index, (bits, g, scales, zeros) in enumerate(metas):
+        rows = codes[index * n:(index + 1) * n]
+        out.append(QuantizedWeight(packing.pack(rows, bits), scales, zeros, bits, g, k))
+    return out

@@ -5,7 +5,9 @@ writes as tensor data: for a quantized linear its packed codes plus an fp16 scal
 per (row, group), the narrow last group included; 2 bytes per element for everything kept in
 16 bits (embeddings, norms, biases, unquantized linears, the output head unless it is chosen);
 tied embeddings once; pruned heads, channels and dropped blocks not at all. Unstructured and
-2:4 sparsity do not change storage (the zeros are stored).
+2:4 sparsity do not change storage (the zeros are stored). A quantized token embedding unit
+is priced like a linear with one row per vocabulary entry; a head tied to it shares its codes
+and costs nothing more.
 
 Build a :class:`MemoryModel` once per model; its methods are plain arithmetic, cheap enough
 for a search to call millions of times.
@@ -88,6 +90,8 @@ class MemoryModel:
     head_name: str
     head: LinearShape
     head_tied: bool
+    embedding_name: str = ""  # the token embedding unit (``adapter.embeddings[0]``)
+    embedding: LinearShape | None = None  # its table: ``out`` rows (vocabulary) x ``inp`` (hidden)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> MemoryModel:
@@ -108,8 +112,9 @@ class MemoryModel:
         head = model.get_submodule(adapter.lm_head)
         embeddings = {model.get_submodule(name).weight.data_ptr() for name in adapter.embeddings}
         tied = head.weight.data_ptr() in embeddings
+        table = model.get_submodule(adapter.embeddings[0]).weight
         return cls(adapter.blocks_path, dict(adapter.linears), tuple(blocks), base, adapter.lm_head,
-                   _shape(head), tied)
+                   _shape(head), tied, adapter.embeddings[0], LinearShape(table.shape[0], table.shape[1], False))
 
     def block_bytes(self, index: int, choice: Choice, linear_choices: dict[str, Choice] | None = None) -> int:
         """Stored bytes of block ``index`` under ``choice`` (``linear_choices``: path -> override)."""
@@ -129,20 +134,33 @@ class MemoryModel:
         return shapes.other_elements + sum(s.out * s.inp + (s.out if s.bias else 0)
                                            for s in pruned_shapes(shapes, choice).values())
 
-    def base_bytes(self, head_choice: Choice | None = None) -> int:
-        """Bytes outside the blocks: embeddings, final norm, output head (quantized if chosen)."""
+    def embedding_bytes(self, choice: Choice | None = None) -> int:
+        """Stored bytes of the token embedding unit under ``choice`` (a tied head included, it
+        shares the table): packed codes plus an fp16 scale and zero per (row, group) when
+        quantized, 2 bytes per element otherwise. An untied head is not part of it."""
+        table = self.embedding
+        if table is None:
+            raise ValueError("this MemoryModel was built without the embedding's shape")
+        return linear_bytes(table, choice or Choice())
+
+    def base_bytes(self, head_choice: Choice | None = None, embedding_choice: Choice | None = None) -> int:
+        """Bytes outside the blocks: embeddings (the token table quantized if chosen, a tied
+        head with it), final norm, output head (quantized if chosen)."""
         total = self.base_elements * STORAGE_BYTES
+        if embedding_choice is not None and embedding_choice.quantized:
+            total += self.embedding_bytes(embedding_choice) - self.embedding_bytes()
         if head_choice is None or not head_choice.changes_weights:
             return total
         head_16bit = self.head.out * self.head.inp * STORAGE_BYTES
-        # A tied head shares the embedding's storage; quantizing it adds a separate copy.
+        # A tied head shares the embedding's storage; quantizing it on its own (which a schedule
+        # cannot ask for: Schedule.validate names the embedding unit instead) adds a separate copy.
         return total + linear_bytes(LinearShape(self.head.out, self.head.inp, False), head_choice) \
             - (0 if self.head_tied else head_16bit)
 
     def schedule_bytes(self, schedule: Schedule) -> int:
         """Stored bytes of the whole model compressed by ``schedule``."""
         paths = list(self.paths.values())
-        total = self.base_bytes(schedule.units.get(self.head_name))
+        total = self.base_bytes(schedule.units.get(self.head_name), schedule.units.get(self.embedding_name))
         for index in range(len(self.blocks)):
             choice, linears = schedule.block_plan(self.blocks_path, index, paths)
             total += self.block_bytes(index, choice, linears)
@@ -169,10 +187,13 @@ def _unique(tensors):
 
 
 def unit_bytes(memory: MemoryModel, unit: str, choice: Choice, block_choice: Choice | None = None) -> int:
-    """Stored bytes of one unit (a block, a linear inside a block, or the output head).
+    """Stored bytes of one unit (a block, a linear inside a block, the token embedding with a
+    tied head, or the output head).
 
     For a linear, ``block_choice`` supplies the block's structured pruning (default: none).
     """
+    if unit == memory.embedding_name:
+        return memory.embedding_bytes(choice)
     if unit == memory.head_name:
         return linear_bytes(LinearShape(memory.head.out, memory.head.inp, memory.head.bias), choice)
     prefix = memory.blocks_path + "."

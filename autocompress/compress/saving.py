@@ -7,8 +7,10 @@ A compressed model directory holds
 * ``config.json`` (the family's config, block count after dropping), ``schedule.json``, the
   tokenizer files;
 * ``autocompress.json`` (versioned): each block's head layout, MLP width and, per linear, its
-  shape and quantization; the config cannot express per-block sizes, so loading rebuilds the
-  model from the config and then reshapes every block as recorded.
+  shape and quantization, and the token embedding's quantization when its unit was quantized
+  (``embedding``: rows, dim, bits, group size, and whether the head shares its codes); the
+  config cannot express per-block sizes, so loading rebuilds the model from the config and
+  then reshapes every block as recorded.
 
 No pickle is involved anywhere: weights are safetensors, metadata JSON.
 """
@@ -31,6 +33,7 @@ from ..models import HeadLayout, adapter_for, config_head_dim, normalize
 from ..schedule import Schedule
 from .apply import block_head_layout
 from .prune import set_channel_attributes, set_head_attributes, set_submodule
+from .quant_embedding import QuantEmbedding, TiedQuantLinear, embedding_scale
 from .quantize import QuantLinear
 from .storage import storage_dtype
 
@@ -61,8 +64,18 @@ def structure_record(model: nn.Module) -> dict:
                        "linears": {path: _linear_record(block.get_submodule(path))
                                    for path in adapter.linears.values()}})
     head = model.get_submodule(adapter.lm_head)
+    embedding = model.get_submodule(adapter.embeddings[0])
+    embedding_record = None
+    if isinstance(embedding, QuantEmbedding):
+        embedding_record = {"name": adapter.embeddings[0], "rows": embedding.num_embeddings,
+                            "dim": embedding.embedding_dim, "bits": embedding.bits,
+                            "group_size": embedding.group_size, "padding_idx": embedding.padding_idx,
+                            "tied": isinstance(head, TiedQuantLinear) and head.embedding is embedding}
+    tied = embedding_record is not None and embedding_record["tied"]
     return {"family": adapter.family, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "blocks": blocks, "lm_head": _linear_record(head) if isinstance(head, QuantLinear) else None}
+            "blocks": blocks,
+            "lm_head": _linear_record(head) if isinstance(head, QuantLinear) and not tied else None,
+            "embedding": embedding_record}
 
 
 def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -164,7 +177,24 @@ def rebuild(config, record: dict) -> nn.Module:
         set_channel_attributes(block, adapter, shape["channels"])
     if record["lm_head"] is not None:
         set_submodule(model, adapter.lm_head, _empty_linear(record["lm_head"], dtype))
+    if record.get("embedding") is not None:
+        _rebuild_embedding(model, adapter, record["embedding"], dtype)
     return model
+
+
+def _rebuild_embedding(model: nn.Module, adapter, spec: dict, dtype: torch.dtype) -> None:
+    """An empty :class:`QuantEmbedding` in place of the token embedding (and the tied head on its codes)."""
+    name = adapter.embeddings[0]
+    if spec.get("name", name) != name:
+        raise UserError(f"autocompress.json records the embedding {spec['name']!r}, but this family's is {name!r}")
+    original = model.get_submodule(name)
+    embedding = QuantEmbedding(spec["rows"], spec["dim"], spec["bits"], spec["group_size"],
+                               padding_idx=spec.get("padding_idx"), embed_scale=embedding_scale(original), dtype=dtype)
+    set_submodule(model, name, embedding)
+    if spec.get("tied"):
+        head = model.get_submodule(adapter.lm_head)
+        bias = getattr(head, "bias", None)
+        set_submodule(model, adapter.lm_head, TiedQuantLinear(embedding, bias))
 
 
 def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, object]:

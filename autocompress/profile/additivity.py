@@ -39,9 +39,9 @@ def measure_all_changed(trace: Trace, replacements: dict[int, nn.Module | dict[s
 
 
 def additivity_check(trace: Trace, units: list[UnitProfile], bits: int,
-                     replacements: dict[int, nn.Module | dict[str, nn.Module]]) -> AdditivityCheck:
-    """Predicted (sum over ``units`` of their ``bits=<bits>`` KL) against measured, for one bit width."""
-    label = f"bits={bits}"
+                     replacements: dict[int, nn.Module | dict[str, nn.Module]], label: str | None = None) -> AdditivityCheck:
+    """Predicted (sum over ``units`` of their KL at ``label``, default ``bits=<bits>``) against measured."""
+    label = label or f"bits={bits}"
     kl, delta = measure_all_changed(trace, replacements)
     return AdditivityCheck(bits=bits,
                            predicted_kl=sum(u.kl[label] for u in units),

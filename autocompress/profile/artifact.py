@@ -84,17 +84,20 @@ class Profile:
     role_curves: dict[str, list[float]] = field(default_factory=dict)  # task -> selectivity per layer (0 = embeddings)
     seconds: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    # Units outside the decoder blocks (the token embedding with a tied head, an untied head):
+    # block index -1, role "embedding" or "head", measured by a full forward pass per choice.
+    extra_units: list[UnitProfile] = field(default_factory=list)
 
     def unit(self, name: str) -> UnitProfile:
         """The profile of unit ``name`` (KeyError naming the known units' pattern if absent)."""
-        for unit in self.units:
+        for unit in self.units + self.extra_units:
             if unit.name == name:
                 return unit
         raise KeyError(f"unit {name!r} is not in this profile (first unit: {self.units[0].name if self.units else '-'})")
 
     def labels(self) -> list[str]:
-        """The probe-choice labels, in the order measured."""
-        return list(self.choices)
+        """The decoder units' probe-choice labels, in the order measured (``embed:`` labels left out)."""
+        return [label for label in self.choices if not label.startswith("embed:")]
 
     def check_matches(self, model_fingerprint: str | None = None, data_fingerprint: str | None = None,
                       space_fingerprint: str | None = None, *, path: str | os.PathLike = "profile.json") -> None:
@@ -115,9 +118,10 @@ class Profile:
         """Strict inverse of :meth:`to_json`."""
         try:
             units = [UnitProfile(**u) for u in data["units"]]
+            extra = [UnitProfile(**u) for u in data.get("extra_units", [])]
             additivity = [AdditivityCheck(**a) for a in data.get("additivity", [])]
-            rest = {k: v for k, v in data.items() if k not in ("units", "additivity")}
-            return cls(units=units, additivity=additivity, **rest)
+            rest = {k: v for k, v in data.items() if k not in ("units", "additivity", "extra_units")}
+            return cls(units=units, additivity=additivity, extra_units=extra, **rest)
         except (KeyError, TypeError) as exc:
             raise UserError(f"{path}: not a valid profile ({exc}); re-run `autocompress profile`") from None
 

@@ -44,6 +44,9 @@ class ProfileSettings:
     ``tokens`` calibration tokens (cut into rows of ``seq_len``) are measured for every unit
     and choice; ``role_tokens`` feed the linguistic probes (the stream must hold the larger of
     the two). ``fisher_rows`` sequences get a backward pass for the Fisher proxy (None: all).
+    ``calib_tokens`` in rows of ``calib_seq_len``, chosen by ``calibration`` (``curated``:
+    coverage plus hard windows, or ``first``), are the run's calibration rows: GPTQ Hessians
+    and Wanda norms of the profile, the search and ``apply`` all come from them.
     """
 
     tokens: int = 2048
@@ -56,6 +59,9 @@ class ProfileSettings:
     additivity: bool = True
     seed: int = 0
     progress: bool = True
+    calib_tokens: int = 4096
+    calib_seq_len: int = 512
+    calibration: str = "curated"
 
 
 @dataclass(frozen=True)
@@ -138,10 +144,32 @@ def _role_states(loaded: LoadedModel, trace: Trace, tokens: torch.Tensor, settin
     return flat, rows.reshape(-1)[:n]
 
 
+class BlockStatsSource:
+    """Each block's statistics on the original model's activations over calibration rows, one block at a time."""
+
+    def __init__(self, model: nn.Module, rows: torch.Tensor | None, batch_size: int, choices=()):
+        self.model, self.batch_size, self.choices = model, batch_size, list(choices)
+        self.trace = trace_model(model, rows, batch_size=batch_size, reference=False) if rows is not None else None
+        self.current: tuple[int, dict] | None = None
+
+    def stats(self, index: int) -> dict | None:
+        """The statistics of block ``index`` (None without calibration rows)."""
+        from ..compress.apply import block_stats, precompute_gptq  # noqa: PLC0415
+
+        if self.trace is None:
+            return None
+        if self.current is None or self.current[0] != index:
+            block = adapter_for(self.model).blocks(self.model)[index]
+            stats = block_stats(block, self.model, self.trace.block_inputs(index), batch_size=self.batch_size)
+            precompute_gptq(block, self.model, stats, self.choices)
+            self.current = (index, stats)
+        return self.current[1]
+
+
 @torch.no_grad()
 def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: ProfileSettings = ProfileSettings(), *,
                   model_name: str | None = None, data_name: str | None = None,
-                  model_fp: str | None = None) -> Profile:
+                  model_fp: str | None = None, calibration=None) -> Profile:
     """Profile ``loaded.model`` on the calibration ``stream`` under ``space``.
 
     ``stream`` is a :class:`~autocompress.data.TokenStream` or a 1-D LongTensor. For every
@@ -149,6 +177,8 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     KL(original || changed) of next-token distributions and the loss change are measured with
     only that unit changed; then, as settings ask, the proxies with their Spearman
     correlations, the additivity check per bit width and the linguistic roles of every block.
+    ``calibration`` (a :class:`~autocompress.run_calibration.CalibrationSet`) supplies the
+    GPTQ Hessians and Wanda norms; without it they come from the measured rows themselves.
     The model is left as it was.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -172,6 +202,11 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     trace = trace_model(model, rows, batch_size=settings.batch_size, hook=hook)
     timings["trace"], cpu["trace"] = time.perf_counter() - tick, time.process_time() - cpu_tick
 
+    needs_stats = any(c.method.value == "gptq" or c.pattern.value != "none" for _, c in probes if not c.drop)
+    calib_rows = calibration.rows if calibration is not None else rows
+    stats_source = BlockStatsSource(model, calib_rows if needs_stats else None, settings.batch_size,
+                                    [c for _, c in probes])
+
     squared = {}
     if settings.proxies:
         tick, cpu_tick = time.perf_counter(), time.process_time()
@@ -179,7 +214,9 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
         timings["gradients"], cpu["gradients"] = time.perf_counter() - tick, time.process_time() - cpu_tick
 
     units: list[UnitProfile] = []
-    keep_for_additivity: dict[str, dict[int, object]] = {label: {} for label, c in probes if label.startswith("bits=")}
+    # One additivity check per bit width (at the space's first group size).
+    keep_for_additivity: dict[str, dict[int, object]] = {label: {} for label, c in probes
+                                                         if label.startswith("bits=") and c.group_size == space.group_size}
     tick, cpu_tick = time.perf_counter(), time.process_time()
     with progress_bar(f"measuring {len(refs)} units x {len(probes)} choices", len(refs) * len(probes),
                       settings.progress) as advance:
@@ -193,7 +230,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
             if settings.proxies:
                 unit.proxies.update(_static_proxies(trace, ref, modules, norms))
             for label, choice in probes:
-                kl, delta, changed = _measure_one(trace, model, ref, choice)
+                kl, delta, changed = _measure_one(trace, model, ref, choice, stats_source.stats(ref.block))
                 unit.kl[label], unit.loss_delta[label] = kl, delta
                 if squared:
                     prefix = f"{adapter.blocks_path}.{ref.block}."
@@ -212,12 +249,25 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
             units.append(unit)
     timings["measure"], cpu["measure"] = time.perf_counter() - tick, time.process_time() - cpu_tick
     del squared
+    embedding_choices = space.embedding_choices()
+    extra_units = []
+    if embedding_choices:
+        from ..search.decisions import embedding_slots  # noqa: PLC0415
+        from .embedding import measure_embedding_units  # noqa: PLC0415
+
+        tick, cpu_tick = time.perf_counter(), time.process_time()
+        count = len(embedding_slots(space, model))
+        with progress_bar(f"measuring {count} embedding unit(s) x {len(embedding_choices)} choices",
+                          count * len(embedding_choices), settings.progress) as advance:
+            extra_units = measure_embedding_units(model, rows, space, batch_size=settings.batch_size,
+                                                  advance=advance)
+        timings["embedding"], cpu["embedding"] = time.perf_counter() - tick, time.process_time() - cpu_tick
 
     additivity = []
     if settings.additivity:
         tick, cpu_tick = time.perf_counter(), time.process_time()
         for label, replacements in keep_for_additivity.items():
-            additivity.append(additivity_check(trace, units, int(label.split("=")[1]), replacements))
+            additivity.append(additivity_check(trace, units, label_bits(label), replacements, label))
         timings["additivity"], cpu["additivity"] = time.perf_counter() - tick, time.process_time() - cpu_tick
     del keep_for_additivity
 
@@ -240,6 +290,8 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
         timings["roles"], cpu["roles"] = time.perf_counter() - tick, time.process_time() - cpu_tick
     meta["timings"], meta["cpu_timings"] = timings, cpu
     meta["data_split"] = getattr(getattr(stream, "split", None), "value", None)
+    if calibration is not None:
+        meta["calibration"] = calibration.describe()
     # CPU seconds of this process: on a shared machine, closer than wall time to what it costs alone.
     meta["cpu_seconds"] = time.process_time() - cpu_started
 
@@ -250,10 +302,15 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
         data_fingerprint=data_fingerprint(tokens, settings),
         space=space.name, space_fingerprint=space_fingerprint(space), granularity=space.granularity.value,
         calibration_tokens=rows.numel(), base_loss=trace.reference.loss,
-        choices={label: choice.to_json() for label, choice in probes},
-        units=units, additivity=additivity,
+        choices={label: choice.to_json() for label, choice in probes + embedding_choices},
+        units=units, additivity=additivity, extra_units=extra_units,
         proxy_spearman=proxy_correlations(units, [label for label, _ in probes]) if settings.proxies else {},
         role_curves=role_curves, seconds=time.perf_counter() - started, meta=meta)
+
+
+def label_bits(label: str) -> int:
+    """The bit width of a quantization label (``bits=4`` or ``bits=4/g64``)."""
+    return int(label.split("=", 1)[1].split("/", 1)[0])
 
 
 def _describe_stream(stream) -> str:
@@ -261,15 +318,16 @@ def _describe_stream(stream) -> str:
     return getattr(stream, "spec", None) or "tokens"
 
 
-def _measure_one(trace: Trace, model: nn.Module, ref: UnitRef, choice: Choice):
+def _measure_one(trace: Trace, model: nn.Module, ref: UnitRef, choice: Choice, stats: dict | None = None):
     """KL, loss delta and the compressed replacement (a block, or {path: linear}) of one unit."""
     block = trace.blocks[ref.block]
     inputs = trace.block_inputs(ref.block)
     if ref.path is None:
-        changed = compress_block(block, ref.block, model, choice, inputs)
+        changed = compress_block(block, ref.block, model, choice, inputs, stats=stats)
         kl, delta = trace.measure_block(ref.block, changed)
         return kl, delta, changed
-    compressed = compress_block(block, ref.block, model, Choice(), inputs, linear_choices={ref.path: choice})
+    compressed = compress_block(block, ref.block, model, Choice(), inputs, linear_choices={ref.path: choice},
+                                stats=stats)
     replacement = {ref.path: compressed.get_submodule(ref.path)}
     with swapped(block, replacement):
         kl, delta = trace.measure_block(ref.block, block)
@@ -297,6 +355,8 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
     from ..data import Split, load_tokens  # noqa: PLC0415
     from ..models import load_model  # noqa: PLC0415
 
+    from ..run_calibration import load_calibration, save_calibration  # noqa: PLC0415
+
     space = resolve_space(space, granularity)
     loaded = load_model(model_spec, trust_remote_code=trust_remote_code)
     wanted = max(settings.tokens, settings.role_tokens if settings.roles else 0)
@@ -308,13 +368,40 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
         try:
             existing.check_matches(model_fp, data_fingerprint(stream.tokens, settings), space_fingerprint(space),
                                    path=path)
+            recorded = existing.meta.get("calibration", {})
+            if recorded.get("mode") != settings.calibration or \
+                    recorded.get("rows", 0) * recorded.get("seq_len", 0) != settings.calib_tokens:
+                raise UserError(f"{path} was made with other calibration rows ({recorded or 'none'})")
+            load_calibration(out_dir, recorded.get("fingerprint"))
         except UserError as exc:
             raise UserError(f"{exc} (or pass --force to replace it)") from None
         return ProfileOutcome(existing, path, True)
+    calibration = choose_calibration(loaded, data, settings)
     profile = profile_model(loaded, stream, space, settings, model_name=model_spec,
-                            data_name=data, model_fp=model_fp)
+                            data_name=data, model_fp=model_fp, calibration=calibration)
+    save_calibration(out_dir, calibration)
     profile.save(path)
     return ProfileOutcome(profile, path, False)
+
+
+def choose_calibration(loaded: LoadedModel, data: str, settings: ProfileSettings):
+    """The run's calibration rows from the calibration split (see :mod:`autocompress.calibration`)."""
+    from ..calibration import calibration_rows, pool_tokens  # noqa: PLC0415
+    from ..data import Split, load_tokens  # noqa: PLC0415
+    from ..run_calibration import CalibrationSet  # noqa: PLC0415
+
+    if settings.calib_tokens < settings.calib_seq_len:
+        raise UserError(f"--calib-tokens {settings.calib_tokens} is less than one row of --calib-seq-len "
+                        f"{settings.calib_seq_len}")
+    count = settings.calib_tokens // settings.calib_seq_len
+    span = pool_tokens(count, settings.calib_seq_len, settings.calibration)
+    try:
+        pool = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, span).tokens
+    except UserError:  # a small split: draw from all of it (too small for the rows themselves is refused below)
+        pool = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, None).tokens
+    rows = calibration_rows(settings.calibration, pool, count, settings.calib_seq_len, model=loaded.model,
+                            seed=settings.seed)
+    return CalibrationSet(rows, settings.calibration, int(pool.numel()))
 
 
 def resolve_space(space: str | SearchSpace, granularity: str | None = None) -> SearchSpace:

@@ -185,6 +185,29 @@ def _evaluation(run: data.Run) -> Section:
     return section
 
 
+def _frontier(run: data.Run) -> Section:
+    from .frontier_info import frontier_info, prediction_gap_rows, read_frontier  # noqa: PLC0415
+
+    section = Section("frontier", "Quality per byte: this model against the recipes of its size",
+                      "Every byte counted, embeddings included: perplexity against size of the recipes a user "
+                      "would otherwise pick (uniform RTN, GPTQ and HQQ; llama.cpp's legacy types), measured by "
+                      "bench/frontier.py on the same evaluation tokens, and this run's model as a star. Rows "
+                      "marked grid-aligned reproduce the demo model's own Q4_1 grid (groups of 32) and flatter it.")
+    info = frontier_info(read_frontier(run.run_dir), run.evaluation)
+    gap = prediction_gap_rows(run.schedule.meta if run.schedule else {}, run.evaluation)
+    if info is None or not (info.points or info.own):
+        section.missing = "no frontier.json (run bench/frontier.py) and no eval.json"
+    else:
+        if not info.points:
+            section.body += missing_html("no frontier.json in this run: run bench/frontier.py to measure the "
+                                         "recipes beside it")
+        section.body += figure_html(figures.frontier_figure(info), "fig-frontier")
+    if gap:
+        section.body += ("<h3>Predicted against final quality</h3>"
+                         + table_html(["KL to the original", "value"], gap, align=False))
+    return section
+
+
 def _staged(run: data.Run) -> Section | None:
     if run.staged is None:
         return None
@@ -222,7 +245,8 @@ def _artifacts(run: data.Run) -> Section:
 def build_sections(run: data.Run) -> list[Section]:
     """Every section of the report, in page order (the staged history only when staged.json exists)."""
     sections = [_summary(run), _sensitivity(run), _roles(run), _schedule(run), _pareto(run),
-                *_optuna_sections(run), _prediction(run), _evaluation(run), _staged(run), _artifacts(run)]
+                *_optuna_sections(run), _prediction(run), _evaluation(run), _frontier(run), _staged(run),
+                _artifacts(run)]
     return [s for s in sections if s is not None]
 
 

@@ -271,3 +271,24 @@ def optuna_figures(storage: str, study_name: str) -> dict[str, go.Figure | str]:
         except Exception as exc:  # noqa: BLE001 (e.g. importances need two completed trials)
             figures[name] = f"Optuna could not draw it: {type(exc).__name__}: {exc}"
     return figures
+
+
+def frontier_figure(info) -> go.Figure:
+    """Size against perplexity of every frontier row (one colour per family), this run as a star."""
+    fig = go.Figure()
+    families: dict[str, list] = {}
+    for point in info.points:
+        families.setdefault(point.family + (" (grid-aligned, not compared)" if point.aligned else ""), []).append(point)
+    for family, points in sorted(families.items()):
+        points = sorted(points, key=lambda p: p.bytes)
+        fig.add_trace(go.Scatter(x=[p.bytes / MIB for p in points], y=[p.perplexity for p in points],
+                                 mode="lines+markers" if family == "searched" else "markers",
+                                 name=label(family), text=[label(p.name) for p in points],
+                                 hovertemplate="%{text}<br>%{x:.1f} MiB<br>perplexity %{y:.3f}<extra></extra>"))
+    if info.own is not None:
+        fig.add_trace(go.Scatter(x=[info.own.bytes / MIB], y=[info.own.perplexity], mode="markers", name="this run",
+                                 marker=dict(symbol="star", size=16, color="black"),
+                                 hovertemplate="this run<br>%{x:.1f} MiB<br>perplexity %{y:.3f}<extra></extra>"))
+    fig.update_layout(xaxis_title="size as stored (MiB, every byte counted)", yaxis_title="perplexity",
+                      yaxis=value_axis([p.perplexity for p in info.points]))
+    return styled(fig)

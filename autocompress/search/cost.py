@@ -175,13 +175,20 @@ class CostModel:
         self._block_cache[key] = out
         return out
 
-    def base_figures(self, head_choice: Choice | None) -> np.ndarray:
-        """[bytes, 0, params, seconds] outside the blocks (embeddings, norm, output head)."""
+    def base_figures(self, head_choice: Choice | None, embedding_choice: Choice | None = None) -> np.ndarray:
+        """[bytes, 0, params, seconds] outside the blocks (embeddings, norm, output head).
+
+        ``embedding_choice`` is the token embedding unit's: its codes count one parameter each,
+        and a head tied to it runs its matmul on those codes (priced at their bytes).
+        """
         head = head_choice or Choice()
         params = self.memory.base_elements + (self.memory.head.out * self.memory.head.inp
                                               if head.quantized and self.memory.head_tied else 0)
+        if self.memory.head_tied and embedding_choice is not None and embedding_choice.quantized:
+            head = embedding_choice
         seconds = self._linear_seconds(self.memory.head, head)
-        return np.array([self.memory.base_bytes(head_choice), 0.0, params, seconds], dtype=np.float64)
+        return np.array([self.memory.base_bytes(head_choice, embedding_choice), 0.0, params, seconds],
+                        dtype=np.float64)
 
     def to_figures(self, raw: np.ndarray) -> dict[str, float]:
         """Turn summed [bytes, weight bytes, params, seconds] into the named figures."""
@@ -191,7 +198,8 @@ class CostModel:
     def raw(self, schedule: Schedule) -> np.ndarray:
         """Summed raw figures of ``schedule`` (see :meth:`block_figures`)."""
         paths = list(self.memory.paths.values())
-        total = self.base_figures(schedule.units.get(self.memory.head_name)).copy()
+        total = self.base_figures(schedule.units.get(self.memory.head_name),
+                                  schedule.units.get(self.memory.embedding_name)).copy()
         for index in range(len(self.memory.blocks)):
             choice, linears = schedule.block_plan(self.memory.blocks_path, index, paths)
             overrides = {p: c for p, c in linears.items() if c != choice}
@@ -213,6 +221,8 @@ class CostModel:
         """The all-16-bit raw figures, and per slot an [options, 4] array of raw deltas from 16 bits.
 
         Any schedule's raw figures are the first plus the picked rows (everything is additive).
+        A slot of the token embedding or of an untied head (block index -1) is priced by
+        :meth:`base_figures`.
         """
         paths = list(self.memory.paths.values())
         path_of = {f"{self.memory.blocks_path}.{i}.{p}": p for i in range(len(self.memory.blocks)) for p in paths}
@@ -221,6 +231,15 @@ class CostModel:
         tables = []
         for slot in slots:
             rows = []
+            if slot.members in ((self.memory.embedding_name,), (self.memory.head_name,)):
+                embedding = slot.members[0] == self.memory.embedding_name
+                plain_base = self.base_figures(None)
+                for option in slot.options:
+                    now = (self.base_figures(None, option.choice) if embedding
+                           else self.base_figures(option.choice))
+                    rows.append(now - plain_base)
+                tables.append(np.array(rows))
+                continue
             for option in slot.options:
                 if slot.members == (f"{self.memory.blocks_path}.{slot.block}",):
                     now = self.block_figures(slot.block, option.choice)

@@ -2,7 +2,8 @@
 
 Each (block, option) is compressed once, when a trial first needs it, with
 :func:`~autocompress.compress.apply.compress_block` (a compressed copy of the original
-block) and kept in a bounded cache. A trial puts the cached blocks into the model's
+block, calibrated by the block's statistics on the original activations, computed once per
+block, exactly as ``apply`` compresses it) and kept in a bounded cache. A trial puts the cached blocks into the model's
 ``ModuleList``, runs one forward pass over the held-aside windows, and restores the original
 blocks, so the model is never deep-copied and a trial costs one forward pass.
 
@@ -24,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compress.apply import compress_block, needs_calibration
+from ..compress.apply import block_stats, compress_block, needs_calibration, precompute_gptq
 from ..compress.calibrate import BlockInputs, capture_block_inputs, run_block
+from ..compress.prune import set_submodule
+from ..compress.quant_embedding import embedding_replacements
 from ..models import adapter_for
 from ..schedule import Choice
 from .decisions import Slot
@@ -43,7 +46,7 @@ class SwapEvaluator:
     """Quality of slot picks on held-aside windows, by swapping cached compressed blocks."""
 
     def __init__(self, model: nn.Module, slots: list[Slot], holdout: torch.Tensor, calibration: torch.Tensor | None,
-                 *, batch_size: int = 2, max_cached: int = 128):
+                 *, batch_size: int = 2, max_cached: int = 1024):
         self.model = model
         self.slots = slots
         self.adapter = adapter_for(model)
@@ -56,6 +59,7 @@ class SwapEvaluator:
         self.cache: OrderedDict = OrderedDict()
         self.compressions = 0
         self._inputs: list[BlockInputs] | None = None
+        self._stats: dict[int, dict] = {}
         self._slots_of_block: dict[int, list[Slot]] = {}
         for slot in slots:
             self._slots_of_block.setdefault(slot.block, []).append(slot)
@@ -78,6 +82,16 @@ class SwapEvaluator:
                 self._inputs.append(inputs)
                 inputs = inputs.with_hidden(run_block(block, inputs, batch_size=self.batch_size))
         return self._inputs[index]
+
+    def _block_stats(self, index: int) -> dict:
+        """Block ``index``'s statistics on the original activations, computed once (see ``block_stats``)."""
+        if index not in self._stats:
+            stats = block_stats(self.originals[index], self.model, self._block_inputs(index),
+                                batch_size=self.batch_size)
+            choices = [option.choice for slot in self._slots_of_block.get(index, []) for option in slot.options]
+            precompute_gptq(self.originals[index], self.model, stats, choices)
+            self._stats[index] = stats
+        return self._stats[index]
 
     def _plan(self, index: int, picks: dict[str, str]) -> tuple[Choice, dict[str, Choice]] | None:
         """The block's (choice, linear overrides), or None when it stays as it is."""
@@ -103,13 +117,23 @@ class SwapEvaluator:
             return self.cache[key]
         full = {p: linears.get(p, choice) for p in self.adapter.linears.values()}
         inputs = self._block_inputs(index) if needs_calibration(choice, full) else None
+        stats = self._block_stats(index) if inputs is not None else None
         block = compress_block(self.originals[index], index, self.model, choice, inputs,
-                               linear_choices=linears or None, batch_size=self.batch_size)
+                               linear_choices=linears or None, batch_size=self.batch_size, stats=stats)
         self.compressions += 1
         self.cache[key] = block
         while len(self.cache) > self.max_cached:
             self.cache.popitem(last=False)
         return block
+
+    def replacements(self, unit: str, choice: Choice) -> dict[str, nn.Module]:
+        """The quantized embedding (with a tied head) or untied head modules of ``unit`` (cached)."""
+        key = (unit, choice)
+        if key not in self.cache:
+            self.cache[key] = embedding_replacements(self.model, unit, choice)
+            self.compressions += 1
+        self.cache.move_to_end(key)
+        return self.cache[key]
 
     @torch.no_grad()
     def measure(self, picks: dict[str, str], report: Callable[[int, float], bool] | None = None) -> dict[str, float]:
@@ -123,7 +147,15 @@ class SwapEvaluator:
             plan = self._plan(index, picks)
             if plan is not None:
                 swapped[index] = self.compressed(index, *plan)
+        outside = {}  # path -> module for the embedding and head slots
+        for slot in self._slots_of_block.get(-1, []):
+            option = slot.option(picks[slot.name])
+            if option.choice.quantized:
+                outside.update(self.replacements(slot.name, option.choice))
+        kept = {path: self.model.get_submodule(path) for path in outside}
         try:
+            for path, module in outside.items():
+                set_submodule(self.model, path, module)
             for index, block in swapped.items():
                 self.blocks[index] = block
             kl_sum, nll_sum, count = 0.0, 0.0, 0
@@ -138,6 +170,8 @@ class SwapEvaluator:
         finally:
             for index in swapped:
                 self.blocks[index] = self.originals[index]
+            for path, module in kept.items():
+                set_submodule(self.model, path, module)
         loss = nll_sum / count
         return {"kl": kl_sum / count, "loss": loss, "ppl": float(torch.tensor(loss).exp())}
 

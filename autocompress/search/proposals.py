@@ -18,20 +18,45 @@ from .objective import Correction
 if TYPE_CHECKING:
     from .study import Context
 
+def uniform_fits(ctx: Context, limits: np.ndarray) -> list[tuple[str, dict[str, str]]]:
+    """Uniform baselines that fit, best predicted first: one option for every block, combined
+    with each option of the embedding and head slots (``bits=4+embed:bits=8/g128``)."""
+    import itertools  # noqa: PLC0415
+
+    from . import baselines  # noqa: PLC0415
+
+    index_of = {slot.name: i for i, slot in enumerate(ctx.slots)}
+    blocks = [s for s in ctx.slots if s.block >= 0]
+    extra = [s for s in ctx.slots if s.block < 0]
+    if not blocks:
+        return []
+    labels = [o.label for o in blocks[0].options]
+    if any([o.label for o in s.options] != labels for s in blocks):
+        return []
+    fits = []
+    for combo in itertools.product(*[range(len(s.options)) for s in extra]):
+        picks = [0] * len(ctx.slots)
+        for slot, option in zip(extra, combo):
+            picks[index_of[slot.name]] = option
+        for option in range(len(labels)):
+            if labels[option] == "drop":  # dropping every block is no model
+                continue
+            for slot in blocks:
+                picks[index_of[slot.name]] = option
+            if baselines.fits(ctx.tables, picks, limits):
+                name = "+".join([labels[option]] + [s.options[o].label for s, o in zip(extra, combo)])
+                fits.append((sum(v[i] for v, i in zip(ctx.values, picks)), name, ctx.label_picks(list(picks))))
+    fits.sort(key=lambda item: item[0])
+    return [(name, picks) for _, name, picks in fits]
+
+
 def baseline_picks(ctx: Context) -> list[tuple[list[str], dict[str, str]]]:
     """(sources, picks) of the baselines: best-predicted uniform fits, knapsack, greedy; equal picks merged."""
     from . import baselines  # noqa: PLC0415
 
     limits = ctx.budget.raw_limits() - ctx.base
-    labels = [o.label for o in ctx.slots[0].options]
-    same_options = all([o.label for o in s.options] == labels for s in ctx.slots)
     out: list[tuple[str, dict[str, str]]] = []
-    if same_options:
-        # Dropping every block is no model; a uniform "drop" is never a baseline.
-        fitting = [o for o in baselines.uniform(len(labels), ctx.tables, limits) if labels[o] != "drop"]
-        fitting.sort(key=lambda o: sum(v[o] for v in ctx.values))
-        out += [(f"uniform:{labels[o]}", ctx.label_picks([o] * len(ctx.slots)))
-                for o in fitting[: ctx.settings.uniform_baselines]]
+    out += [(f"uniform:{name}", picks) for name, picks in uniform_fits(ctx, limits)[: ctx.settings.uniform_baselines]]
     for name, picks in (("knapsack", baselines.knapsack_multi(ctx.values, ctx.tables, limits)),
                         ("greedy", baselines.greedy(ctx.values, ctx.tables, limits))):
         if picks is not None:

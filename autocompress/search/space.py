@@ -4,9 +4,11 @@ A space file (``search_spaces/default.yaml`` and friends, or a user's own)::
 
     name: default
     granularity: block          # block | linear
-    group_size: 128             # null = per-channel
-    method: rtn                 # quantizer used while searching (rtn | gptq)
-    bits: [2, 3, 4, 8, 16]
+    group_size: [64, 128]       # one size or a list to choose from per unit; null = per-channel
+    method: gptq                # quantizer of profile, search and apply alike (rtn | gptq)
+    act_order: true             # GPTQ visits columns by decreasing Hessian diagonal
+    bits: [3, 4, 5, 6, 8, 16]
+    embedding_bits: [4, 5, 6, 8, 16]   # the token embedding (and a tied head) as a unit; [] = kept
     sparsity: [0.5]             # unstructured ratios (Wanda scores)
     two_four: true              # 2:4 sparsity as a choice
     head_ratio: [0.25, 0.5]     # share of KV groups (with their query heads) removed
@@ -16,7 +18,11 @@ A space file (``search_spaces/default.yaml`` and friends, or a user's own)::
     frozen: [model.layers.0]    # units kept as they are (regex with a 're:' prefix)
 
 The profile measures every *single-axis* choice of the space (:meth:`SearchSpace.probe_choices`);
-the search combines one bit width with at most one pruning choice per unit.
+the search combines one quantization (bit width and group size) with at most one pruning
+choice per unit. Quantization labels are ``bits=4`` when the space has one group size and
+``bits=4/g64`` when it offers several. The embedding unit's choices are labelled
+``embed:bits=6/g64``; it is quantized round-to-nearest (no Hessian serves both of a tied
+table's roles).
 """
 from __future__ import annotations
 
@@ -46,9 +52,11 @@ class SearchSpace:
 
     name: str
     granularity: Granularity = Granularity.BLOCK
-    group_size: int | None = 128
+    group_sizes: tuple[int | None, ...] = (128,)
     method: QuantMethod = QuantMethod.RTN
+    act_order: bool = False
     bits: tuple[int, ...] = (2, 3, 4, 8, 16)
+    embedding_bits: tuple[int, ...] = ()
     sparsity: tuple[float, ...] = ()
     two_four: bool = False
     head_ratio: tuple[float, ...] = ()
@@ -59,9 +67,34 @@ class SearchSpace:
     description: str = ""
     source: str = field(default="", compare=False)
 
-    def quant_choice(self, bits: int) -> Choice:
-        """The choice that quantizes to ``bits`` with the space's group size and method."""
-        return Choice(bits=bits, group_size=self.group_size, method=self.method)
+    @property
+    def group_size(self) -> int | None:
+        """The first (or only) group size of the space."""
+        return self.group_sizes[0]
+
+    def quant_choice(self, bits: int, group_size: int | None | str = "first") -> Choice:
+        """The choice that quantizes to ``bits`` with a group size of the space and its method."""
+        group = self.group_size if group_size == "first" else group_size
+        if bits >= 16:
+            return Choice()
+        return Choice(bits=bits, group_size=group, method=self.method,
+                      act_order=self.act_order and self.method is QuantMethod.GPTQ)
+
+    def quant_label(self, bits: int, group_size: int | None) -> str:
+        """``bits=4`` (one group size in the space) or ``bits=4/g64`` (``/gch``: per channel)."""
+        if bits >= 16 or len(self.group_sizes) == 1:
+            return f"bits={bits}"
+        return f"bits={bits}/g{'ch' if group_size is None else group_size}"
+
+    def quant_choices(self) -> list[tuple[str, Choice]]:
+        """Every quantizing choice (bit width below 16 x group size), labelled."""
+        return [(self.quant_label(b, g), self.quant_choice(b, g)) for b in self.bits if b < 16
+                for g in self.group_sizes]
+
+    def embedding_choices(self) -> list[tuple[str, Choice]]:
+        """The embedding unit's quantizing choices (round-to-nearest), labelled ``embed:bits=...``."""
+        return [(f"embed:{self.quant_label(b, g)}", Choice(bits=b, group_size=g)) for b in self.embedding_bits
+                if b < 16 for g in self.group_sizes]
 
     def prune_choices(self) -> list[tuple[str, Choice]]:
         """Every pruning choice of the space, labelled (``sparsity=0.5``, ``2:4``, ``heads=0.25``...)."""
@@ -77,8 +110,7 @@ class SearchSpace:
 
     def probe_choices(self) -> list[tuple[str, Choice]]:
         """Single-axis choices a profile measures: each bit width below 16, each pruning choice."""
-        quant = [(f"bits={b}", self.quant_choice(b)) for b in self.bits if b < 16]
-        return quant + self.prune_choices()
+        return self.quant_choices() + self.prune_choices()
 
     def is_frozen(self, unit: str) -> bool:
         """Whether ``unit`` is kept as it is by this space."""
@@ -106,15 +138,17 @@ class SearchSpace:
 
     def to_json(self) -> dict[str, Any]:
         """Plain-dict form (used for fingerprints and artifacts)."""
-        return {"name": self.name, "granularity": self.granularity.value, "group_size": self.group_size,
-                "method": self.method.value, "bits": list(self.bits), "sparsity": list(self.sparsity),
+        group = self.group_size if len(self.group_sizes) == 1 else list(self.group_sizes)
+        return {"name": self.name, "granularity": self.granularity.value, "group_size": group,
+                "method": self.method.value, "act_order": self.act_order, "bits": list(self.bits),
+                "embedding_bits": list(self.embedding_bits), "sparsity": list(self.sparsity),
                 "two_four": self.two_four, "head_ratio": list(self.head_ratio),
                 "channel_ratio": list(self.channel_ratio), "drop": self.drop,
                 "tie": [list(t) for t in self.tie], "frozen": list(self.frozen), "description": self.description}
 
 
-_KEYS = {"name", "granularity", "group_size", "method", "bits", "sparsity", "two_four", "head_ratio",
-         "channel_ratio", "drop", "tie", "frozen", "description"}
+_KEYS = {"name", "granularity", "group_size", "method", "act_order", "bits", "embedding_bits", "sparsity",
+         "two_four", "head_ratio", "channel_ratio", "drop", "tie", "frozen", "description"}
 _ROLES = {"q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up"}
 
 
@@ -148,9 +182,14 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
         granularity = Granularity(data.get("granularity", "block"))
     except ValueError:
         raise UserError(f"{where('granularity')}: expected block or linear, got {data['granularity']!r}") from None
-    group_size = data.get("group_size", 128)
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-        raise UserError(f"{where('group_size')}: expected a positive integer or null, got {group_size!r}")
+    group_sizes = data.get("group_size", 128)
+    group_sizes = group_sizes if isinstance(group_sizes, list) else [group_sizes]
+    if not group_sizes or any(g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1)
+                              for g in group_sizes):
+        raise UserError(f"{where('group_size')}: expected a positive integer, null (per channel) or a non-empty "
+                        f"list of them, got {data.get('group_size')!r}")
+    if len(set(group_sizes)) != len(group_sizes):
+        raise UserError(f"{where('group_size')}: a group size is listed twice in {group_sizes!r}")
     try:
         method = QuantMethod(data.get("method", "rtn"))
     except ValueError:
@@ -158,6 +197,11 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
     bits = data.get("bits", [16])
     if not isinstance(bits, list) or not bits or any(b not in ALLOWED_BITS or isinstance(b, bool) for b in bits):
         raise UserError(f"{where('bits')}: expected a non-empty list drawn from {list(ALLOWED_BITS)}, got {bits!r}")
+    embedding_bits = data.get("embedding_bits", [])
+    if not isinstance(embedding_bits, list) or any(b not in ALLOWED_BITS or isinstance(b, bool)
+                                                   for b in embedding_bits):
+        raise UserError(f"{where('embedding_bits')}: expected a list drawn from {list(ALLOWED_BITS)}, "
+                        f"got {embedding_bits!r}")
     tie = data.get("tie", [])
     if not isinstance(tie, list) or any(not isinstance(t, list) or not set(t) <= _ROLES or len(t) < 2 for t in tie):
         raise UserError(f"{where('tie')}: expected lists of two or more roles from {sorted(_ROLES)}, got {tie!r}")
@@ -174,8 +218,9 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
     if not isinstance(description, str):
         raise UserError(f"{where('description')}: expected a string")
     space = SearchSpace(
-        name=name, granularity=granularity, group_size=group_size, method=method,
-        bits=tuple(sorted(set(bits))), sparsity=_ratios(data.get("sparsity", []), where("sparsity")),
+        name=name, granularity=granularity, group_sizes=tuple(group_sizes), method=method,
+        act_order=_flag(data.get("act_order", False), where("act_order")),
+        bits=tuple(sorted(set(bits))), embedding_bits=tuple(sorted(set(embedding_bits) | {16})) if embedding_bits else (), sparsity=_ratios(data.get("sparsity", []), where("sparsity")),
         two_four=_flag(data.get("two_four", False), where("two_four")),
         head_ratio=_ratios(data.get("head_ratio", []), where("head_ratio")),
         channel_ratio=_ratios(data.get("channel_ratio", []), where("channel_ratio")),
@@ -184,7 +229,10 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
     )
     if space.granularity is Granularity.LINEAR and (space.head_ratio or space.channel_ratio or space.drop):
         raise UserError(f"{source}: head_ratio, channel_ratio and drop need granularity: block")
-    if len(space.bits) == 1 and not space.prune_choices():
+    if space.act_order and space.method is not QuantMethod.GPTQ:
+        raise UserError(f"{where('act_order')}: act-order is a GPTQ setting; set method: gptq or drop act_order")
+    if len(space.bits) == 1 and len(space.group_sizes) == 1 and not space.prune_choices() \
+            and len(space.embedding_bits) < 2:
         raise UserError(f"{source}: the space offers no choice (one bit width and no pruning)")
     return space
 
@@ -212,3 +260,22 @@ def load_space(spec: str) -> SearchSpace:
     except yaml.YAMLError as exc:
         raise UserError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return space_from_dict(data, source)
+
+
+def check_space_measured(space: SearchSpace, profile, path="profile.json") -> None:
+    """Refuse a space with a choice ``profile`` never measured, compared field by field, not by label.
+
+    A quantizer, group size, act-order setting or pruning choice the profile did not measure
+    would make the search's predictions meaningless; one line names the first difference.
+    """
+    wanted = space.probe_choices() + space.embedding_choices()
+    for label, choice in wanted:
+        measured = profile.choices.get(label)
+        if measured is None:
+            raise UserError(f"search space {space.name!r} offers {label!r}, which {path} never measured; "
+                            f"profile with this space (autocompress profile ... --space {space.source or space.name})")
+        if measured != choice.to_json():
+            field_name = next((k for k, v in choice.to_json().items() if measured.get(k) != v), "?")
+            raise UserError(f"search space {space.name!r} means {label!r} with {field_name}="
+                            f"{choice.to_json()[field_name]!r}, but {path} measured it with {field_name}="
+                            f"{measured.get(field_name)!r}; profile again with this space")

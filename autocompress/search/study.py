@@ -140,8 +140,9 @@ def prepare(settings: SearchSettings, *, model=None, tokenizer=None, holdout=Non
     from ..evaluate import windows  # noqa: PLC0415
     from ..models import load_model, model_fingerprint  # noqa: PLC0415
     from ..profile.artifact import Profile  # noqa: PLC0415
+    from ..run_calibration import load_calibration  # noqa: PLC0415
     from .cost import CostModel  # noqa: PLC0415
-    from .space import load_space  # noqa: PLC0415
+    from .space import check_space_measured, load_space  # noqa: PLC0415
 
     run = Path(settings.run_dir)
     profile_path = run / "profile.json"
@@ -167,15 +168,19 @@ def prepare(settings: SearchSettings, *, model=None, tokenizer=None, holdout=Non
     base, tables = budget.cost.slot_costs(slots)
     budget.check_feasible(base, tables)
     predictor = AdditivePredictor(slots, profile)
+    check_space_measured(space, profile, profile_path)
     data = profile.data
-    holdout_meta = {"data": data, "split": "calibration", "start": profile.calibration_tokens,
+    run_calibration = load_calibration(run, profile.meta.get("calibration", {}).get("fingerprint"))
+    start = max(profile.calibration_tokens, run_calibration.span if run_calibration is not None else 0)
+    holdout_meta = {"data": data, "split": "calibration", "start": start,
                     "tokens": settings.holdout_tokens, "window": settings.window}
     if holdout is None:
-        stream = load_tokens(data, tokenizer, "calibration", settings.holdout_tokens,
-                             start=profile.calibration_tokens)
+        stream = load_tokens(data, tokenizer, "calibration", settings.holdout_tokens, start=start)
         holdout = stream.tokens
     if holdout.dim() == 1:
         holdout = windows(holdout, settings.window)
+    if calibration is None and run_calibration is not None:
+        calibration = run_calibration.rows
     if calibration is None and tokenizer is not None:
         count = min(settings.calibration_tokens or profile.calibration_tokens, profile.calibration_tokens)
         stream = load_tokens(data, tokenizer, "calibration", max(count, settings.window))
@@ -410,10 +415,14 @@ def worker_command(settings: SearchSettings) -> list[str]:
     return cmd
 
 
-def search(settings: SearchSettings, *, model=None, tokenizer=None, holdout=None, calibration=None) -> SearchResult:
+def search(settings: SearchSettings, *, model=None, tokenizer=None, holdout=None, calibration=None,
+           evaluator=None) -> SearchResult:
     """Run (or resume, or join) a search; with ``finalize`` write ``search.json`` and ``schedule.json``.
 
     ``model``/``tokenizer``/``holdout``/``calibration`` override what the profile names (tests).
+    ``evaluator`` (a :class:`~.measure.SwapEvaluator` of the same model, slots and held-aside
+    text, e.g. ``prepare(settings, model=...).evaluator``) reuses its compressed blocks: several
+    budgets searched in one process compress each (block, choice) once.
 
     Example::
 
@@ -426,6 +435,8 @@ def search(settings: SearchSettings, *, model=None, tokenizer=None, holdout=None
     if settings.trials < 1:
         raise UserError("--trials must be at least 1")
     ctx = prepare(settings, model=model, tokenizer=tokenizer, holdout=holdout, calibration=calibration)
+    if evaluator is not None:
+        ctx._evaluator = evaluator
     creating = settings.finalize
     study, url, name = open_study(ctx, create=creating)
     notes: list[str] = []
