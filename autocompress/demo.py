@@ -37,7 +37,7 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     reports: Path | None = Path("reports")
     budget: str = DEFAULT_BUDGET
-    space: str = "quant-only"
+    space: str = "quant-high"
     profile_tokens: int = 512
     role_tokens: int = 2048
     trials: int = 40

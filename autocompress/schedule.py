@@ -38,6 +38,17 @@ class QuantMethod(str, Enum):
     GPTQ = "gptq"
 
 
+class Observer(str, Enum):
+    """How a group's scale and zero are set: its min/max range, the clipped range with the least
+    squared error (``mse``), HQQ's optimized zero and scale (``hqq``), or per group whichever of
+    those rounds best, weighted by the input's importance (``best``: GPTQ's Hessian diagonal)."""
+
+    MINMAX = "minmax"
+    MSE = "mse"
+    HQQ = "hqq"
+    BEST = "best"
+
+
 class SparsityPattern(str, Enum):
     """Which weights may be zeroed: none, any (per output row), or 2 of every 4 inputs."""
 
@@ -69,6 +80,7 @@ class Choice:
     group_size: int | None = 128
     method: QuantMethod = QuantMethod.RTN
     act_order: bool = False
+    observer: Observer = Observer.MINMAX
     sparsity: float = 0.0
     pattern: SparsityPattern = SparsityPattern.NONE
     score: PruneScore = PruneScore.WANDA
@@ -103,6 +115,9 @@ class Choice:
                 raise UserError(f"{where}: {name} must be in [0, 1), got {value}")
         if self.pattern is SparsityPattern.NONE and self.sparsity != 0:
             raise UserError(f"{where}: sparsity {self.sparsity} needs pattern 'unstructured' or '2:4'")
+        if (self.observer is not Observer.MINMAX and self.method is QuantMethod.GPTQ and not self.act_order
+                and self.quantized):
+            raise UserError(f"{where}: observer {self.observer.value!r} needs act-order GPTQ (static groups) or rtn")
         if self.pattern is SparsityPattern.TWO_FOUR and self.sparsity != 0.5:
             raise UserError(f"{where}: pattern '2:4' means sparsity 0.5, got {self.sparsity}")
 
@@ -131,9 +146,9 @@ class Choice:
         return choice
 
 
-LINEAR_FIELDS = ("bits", "group_size", "method", "act_order", "sparsity", "pattern", "score")
+LINEAR_FIELDS = ("bits", "group_size", "method", "act_order", "observer", "sparsity", "pattern", "score")
 STRUCTURAL_FIELDS = ("head_ratio", "channel_ratio", "drop")
-_ENUMS = {"method": QuantMethod, "pattern": SparsityPattern, "score": PruneScore}
+_ENUMS = {"method": QuantMethod, "observer": Observer, "pattern": SparsityPattern, "score": PruneScore}
 
 
 def _parse_field(name: str, value: Any, where: str) -> Any:

@@ -17,11 +17,14 @@ Every row's perplexity and KL to the original come from the same evaluation toke
 baselines are first screened on ``--screen-tokens``; the full ``--eval-tokens`` evaluation
 is spent on the rows that can matter (at some size, within ``--keep`` of the best screened
 baseline that fits). ``--screen-tokens 0`` evaluates every row in full. Results are cached
-in ``OUT/frontier.json`` so an interrupted run resumes; the table is printed per size and a
+in ``OUT/baselines.json`` and ``OUT/search.json`` so an interrupted run resumes (merged into
+``OUT/frontier.json``); the table is printed per size and a
 plot is written to ``OUT/frontier.html``. Each size's run directory gets ``frontier.json``,
 which ``autocompress report`` shows.
 
-Run: ``.venv/bin/python bench/frontier.py [--sizes 25,30,35,40,50] [--trials 60] [--out bench_out/frontier]``
+Run: ``.venv/bin/python bench/frontier.py [--sizes 25,30,35,40,50] [--trials 60] [--out bench_out/frontier]``;
+on a 2-core machine, two processes (``--part baselines --threads 1`` and ``--part search
+--threads 1``) then ``--part table`` to print the merged tables.
 """
 from __future__ import annotations
 
@@ -223,8 +226,137 @@ def linear_function(spec, gptq: dict):
     return lambda name, w: quantize_rtn(w, bits, group).dequantize()
 
 
+def wait_for(path: Path, seconds: float = 7200) -> None:
+    """Wait until ``path`` exists (another process of this bench writes it)."""
+    deadline = time.time() + seconds
+    while not path.exists():
+        if time.time() > deadline:
+            raise SystemExit(f"gave up waiting for {path}")
+        time.sleep(10)
+
+
+def run_baselines(args, model, tokenizer, reference, eval_tokens, run: Path, cache: Path, key: dict,
+                  sizes: list[float]) -> None:
+    """Measure every baseline recipe (screened, then in full where it can matter) into ``cache``."""
+    rows = load_cache(cache, key)
+    memory, full = MemoryModel.from_model(model), dense_bytes(model)
+    screen_tokens = eval_tokens[: args.screen_tokens] if args.screen_tokens else eval_tokens
+
+    def record(row: Row) -> None:
+        rows[row.name] = row
+        save_cache(cache, key, rows)
+
+    if "original, 16-bit" not in rows:
+        metrics = evaluate(model, eval_tokens, None)
+        record(Row("original, 16-bit", "original", full, metrics["perplexity"], 0.0, eval_tokens.numel()))
+    console.print(f"original: {full / 2**20:.1f} MiB, perplexity {rows['original, 16-bit'].ppl:.3f}")
+    plans = baseline_plan(model, memory)
+    # Calibration-free recipes first: the GPTQ rows wait for the run's calibration rows.
+    plans.sort(key=lambda plan: plan[1][0] == "GPTQ")
+    weights, gptq = Weights(model), None
+    limit = max(sizes) / 100 * full
+    for row, spec, table in plans:
+        if row.name in rows or row.bytes > limit:  # measured already, or larger than every size
+            continue
+        if spec[0] == "GPTQ" and gptq is None:
+            wait_for(run / CALIBRATION_FILE)
+            tick = time.perf_counter()
+            grids = sorted({(p[1][1], p[1][2]) for p in plans if p[1][0] == "GPTQ"})
+            gptq = gptq_codes(model, load_calibration(run).rows, grids)
+            console.print(f"GPTQ codes for {len(grids)} grids: {time.perf_counter() - tick:.0f} s")
+        weights.set(linear_function(spec, gptq), table)
+        metrics = evaluate(model, screen_tokens, reference)
+        weights.restore()
+        if args.screen_tokens:
+            row.screen_ppl = metrics["perplexity"]
+        else:
+            row.ppl, row.kl, row.tokens = metrics["perplexity"], metrics["kl"], eval_tokens.numel()
+        record(row)
+        console.print(f"  {row.name}: {row.mib:.1f} MiB, screened perplexity {metrics['perplexity']:.3f}")
+    if not args.screen_tokens:
+        return
+    for row, spec, table in plans:
+        current = rows.get(row.name)
+        if current is None or current.ppl is not None or not worth_full(current, rows, sizes, full, args.keep):
+            continue
+        if spec[0] == "GPTQ" and gptq is None:
+            grids = sorted({(p[1][1], p[1][2]) for p in plans if p[1][0] == "GPTQ"})
+            gptq = gptq_codes(model, load_calibration(run).rows, grids)
+        weights.set(linear_function(spec, gptq), table)
+        metrics = evaluate(model, eval_tokens, reference)
+        weights.restore()
+        current.ppl, current.kl, current.tokens = metrics["perplexity"], metrics["kl"], eval_tokens.numel()
+        record(current)
+        console.print(f"  {current.name}: perplexity {current.ppl:.3f} on {current.tokens} tokens")
+
+
+def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cache: Path, key: dict,
+                 sizes: list[float]) -> None:
+    """Profile once, then per size: search, apply, save, load and evaluate; knapsack and greedy too."""
+    from autocompress.evaluate import windows  # noqa: PLC0415
+    from autocompress.search.measure import SwapEvaluator  # noqa: PLC0415
+
+    rows = load_cache(cache, key)
+
+    def record(row: Row) -> None:
+        rows[row.name] = row
+        save_cache(cache, key, rows)
+
+    settings = ProfileSettings(tokens=args.profile_tokens, seq_len=256, roles=False, proxies=False, additivity=False,
+                               calib_tokens=args.calib_tokens, calibration=args.calibration)
+    tick = time.perf_counter()
+    outcome = profile_run(args.model, run, data=args.data, space=args.space, settings=settings)
+    console.print(f"profile: {'reused' if outcome.reused else f'{time.perf_counter() - tick:.0f} s'}")
+    evaluator, on_eval = None, None
+    fingerprint = model_fingerprint(model)
+    for size in sizes:
+        label = f"{size:g}%"
+        if all(f"{kind} @ {label}" in rows for kind in ("searched", "knapsack", "greedy")):
+            continue
+        run_size = args_out(args) / f"size-{size:g}"
+        run_size.mkdir(parents=True, exist_ok=True)
+        for name in ("profile.json", CALIBRATION_FILE):
+            shutil.copyfile(run / name, run_size / name)
+        for stale in ("study.db", "search.json", "schedule.json"):
+            (run_size / stale).unlink(missing_ok=True)
+        settings_search = SearchSettings(str(run_size), (f"memory={size:g}%",), trials=args.trials,
+                                         space=args.space, progress=False)
+        context = prepare(settings_search, model=model, tokenizer=tokenizer)
+        if evaluator is None:
+            evaluator = context.evaluator
+            # The same compressed blocks, measured on the evaluation windows: what apply would ship.
+            on_eval = SwapEvaluator(model, context.slots, windows(eval_tokens, 512), context.calibration)
+            on_eval.cache, on_eval._stats = evaluator.cache, evaluator._stats
+        tick = time.perf_counter()
+        result = search(settings_search, model=model, tokenizer=tokenizer, evaluator=evaluator)
+        console.print(f"search at {label}: {time.perf_counter() - tick:.0f} s, best trial {result.best} "
+                      f"({result.trial(result.best).source})")
+        applied = apply_run(ApplyConfig(run_size, out=run_size / "model", overwrite=True, progress=False))
+        compressed, _ = load_compressed(applied.out)
+        metrics = evaluate(compressed, eval_tokens, reference)
+        record(Row(f"searched @ {label}", "searched", stored_bytes(compressed), metrics["perplexity"], metrics["kl"],
+                   eval_tokens.numel(), size=label))
+        console.print(f"  searched @ {label}: {stored_bytes(compressed) / 2**20:.2f} MiB, "
+                      f"perplexity {metrics['perplexity']:.3f} (applied, saved, loaded)")
+        del compressed
+        for source in ("knapsack", "greedy"):
+            trial = next((t for t in result.trials if t.source == source or source in t.source.split(",")), None)
+            if trial is None:
+                continue
+            schedule = to_schedule(context.slots, trial.choices, fingerprint)
+            measured = on_eval.measure(trial.choices)
+            record(Row(f"{source} @ {label}", source, MemoryModel.from_model(model).schedule_bytes(schedule),
+                       measured["ppl"], measured["kl"], eval_tokens.numel(), size=label))
+            console.print(f"  {source} @ {label}: perplexity {measured['ppl']:.3f}")
+
+
+def args_out(args) -> Path:
+    """The bench's output directory."""
+    return Path(args.out)
+
+
 def main() -> None:
-    """Parse arguments, measure, print the tables, write the cache and the plot."""
+    """Parse arguments, measure the part asked for, print the tables, write the merged rows and the plot."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="stdlib-docs")
@@ -240,133 +372,41 @@ def main() -> None:
     parser.add_argument("--calibration", choices=["curated", "first"], default="curated")
     parser.add_argument("--out", default="bench_out/frontier")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--skip-baselines", action="store_true", help="only the searched schedules")
+    parser.add_argument("--part", choices=["all", "baselines", "search", "table"], default="all",
+                        help="run one part (two processes with --threads 1 use both cores of a small machine), "
+                             "or only print the table of what is measured")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = args_out(args)
     out.mkdir(parents=True, exist_ok=True)
     sizes = [float(s) for s in args.sizes.split(",")]
     started = time.perf_counter()
+    run = out / "run"
 
     loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
-    reference = copy.deepcopy(model)
-    memory = MemoryModel.from_model(model)
     full = dense_bytes(model)
-    eval_tokens = load_tokens(args.data, tokenizer, Split.EVALUATION, args.eval_tokens).tokens
-    screen_tokens = eval_tokens[: args.screen_tokens] if args.screen_tokens else eval_tokens
     key = {"model": model_fingerprint(model), "eval_tokens": args.eval_tokens, "screen": args.screen_tokens,
            "calib_tokens": args.calib_tokens, "calibration": args.calibration, "space": args.space,
            "trials": args.trials, "profile_tokens": args.profile_tokens}
-    cache_path = out / "frontier.json"
-    rows = load_cache(cache_path, key)
-
-    def record(row: Row) -> None:
-        rows[row.name] = row
-        save_cache(cache_path, key, rows)
-
-    if "original, 16-bit" not in rows:
-        metrics = evaluate(model, eval_tokens, None)
-        record(Row("original, 16-bit", "original", full, metrics["perplexity"], 0.0, eval_tokens.numel()))
-    console.print(f"original: {full / 2**20:.1f} MiB, perplexity {rows['original, 16-bit'].ppl:.3f}")
-
-    # The run: profile once (its calibration rows serve the GPTQ baselines too), search per size.
-    run = out / "run"
-    settings = ProfileSettings(tokens=args.profile_tokens, seq_len=256, roles=False, proxies=False, additivity=False,
-                               calib_tokens=args.calib_tokens, calibration=args.calibration)
-    tick = time.perf_counter()
-    outcome = profile_run(args.model, run, data=args.data, space=args.space, settings=settings)
-    console.print(f"profile: {'reused' if outcome.reused else f'{time.perf_counter() - tick:.0f} s'}")
-    calibration = load_calibration(run).rows
-
-    if not args.skip_baselines:
-        plans = baseline_plan(model, memory)
-        weights = Weights(model)
-        gptq = None
-        todo = [p for p in plans if p[0].name not in rows or rows[p[0].name].screen_ppl is None and rows[p[0].name].ppl is None]
-        if any(spec[0] == "GPTQ" for _, spec, _ in todo):
-            tick = time.perf_counter()
-            grids = sorted({(spec[1], spec[2]) for _, spec, _ in plans if spec[0] == "GPTQ"})
-            gptq = gptq_codes(model, calibration, grids)
-            console.print(f"GPTQ codes for {len(grids)} grids: {time.perf_counter() - tick:.0f} s")
-        limit = max(sizes) / 100 * full
-        for row, spec, table in plans:
-            if row.name in rows and (rows[row.name].screen_ppl is not None or rows[row.name].ppl is not None):
-                continue
-            if row.bytes > limit:
-                continue  # larger than every size: never a competitor
-            weights.set(linear_function(spec, gptq), table)
-            metrics = evaluate(model, screen_tokens, reference)
-            weights.restore()
-            if args.screen_tokens:
-                row.screen_ppl = metrics["perplexity"]
-            else:
-                row.ppl, row.kl, row.tokens = metrics["perplexity"], metrics["kl"], eval_tokens.numel()
-            record(row)
-            console.print(f"  {row.name}: {row.mib:.1f} MiB, screened perplexity {metrics['perplexity']:.3f}")
-        if args.screen_tokens:
-            for row, spec, table in plans:
-                current = rows.get(row.name)
-                if current is None or current.ppl is not None or not worth_full(current, rows, sizes, full, args.keep):
-                    continue
-                weights.set(linear_function(spec, gptq), table)
-                metrics = evaluate(model, eval_tokens, reference)
-                weights.restore()
-                current.ppl, current.kl, current.tokens = metrics["perplexity"], metrics["kl"], eval_tokens.numel()
-                record(current)
-                console.print(f"  {current.name}: perplexity {current.ppl:.3f} on {current.tokens} tokens")
-        del gptq
-
-    evaluator = None
-    for size in sizes:
-        label = f"{size:g}%"
-        run_size = out / f"size-{size:g}"
-        names = [f"searched @ {label}", f"knapsack @ {label}", f"greedy @ {label}"]
-        if all(name in rows for name in names):
-            continue
-        run_size.mkdir(parents=True, exist_ok=True)
-        for name in ("profile.json", CALIBRATION_FILE):
-            shutil.copyfile(run / name, run_size / name)
-        for stale in ("study.db", "search.json", "schedule.json"):
-            (run_size / stale).unlink(missing_ok=True)
-        settings_search = SearchSettings(str(run_size), (f"memory={size:g}%",), trials=args.trials,
-                                         space=args.space, progress=True)
-        if evaluator is None:
-            evaluator = prepare(settings_search, model=model, tokenizer=tokenizer).evaluator
-        tick = time.perf_counter()
-        result = search(settings_search, model=model, tokenizer=tokenizer, evaluator=evaluator)
-        console.print(f"search at {label}: {time.perf_counter() - tick:.0f} s, best trial {result.best} "
-                      f"({result.trial(result.best).source})")
-        context = prepare(settings_search, model=model, tokenizer=tokenizer)
-        fingerprint = model_fingerprint(model)
-        schedules = {"searched": run_size / "schedule.json"}
-        for source in ("knapsack", "greedy"):
-            trial = next((t for t in result.trials if t.source == source), None)
-            if trial is not None:
-                path = run_size / f"{source}.json"
-                to_schedule(context.slots, trial.choices, fingerprint, {"model": args.model}).save(path)
-                schedules[source] = path
-        for kind, path in schedules.items():
-            applied = apply_run(ApplyConfig(run_size, schedule=path, out=run_size / f"model-{kind}", overwrite=True,
-                                            progress=False))
-            compressed, _ = load_compressed(applied.out)
-            metrics = evaluate(compressed, eval_tokens, reference)
-            record(Row(f"{kind} @ {label}", kind, stored_bytes(compressed), metrics["perplexity"], metrics["kl"],
-                       eval_tokens.numel(), size=label))
-            console.print(f"  {kind} @ {label}: {stored_bytes(compressed) / 2**20:.1f} MiB, "
-                          f"perplexity {metrics['perplexity']:.3f}")
-            del compressed
-
+    if args.part != "table":
+        reference = copy.deepcopy(model)
+        eval_tokens = load_tokens(args.data, tokenizer, Split.EVALUATION, args.eval_tokens).tokens
+        if args.part in ("all", "baselines"):
+            run_baselines(args, model, tokenizer, reference, eval_tokens, run, out / "baselines.json", key, sizes)
+        if args.part in ("all", "search"):
+            run_searches(args, model, tokenizer, reference, eval_tokens, run, out / "search.json", key, sizes)
+    rows = {**load_cache(out / "baselines.json", key), **load_cache(out / "search.json", key)}
     verdicts = print_tables(rows, sizes, full)
-    save_cache(cache_path, key, rows, {"verdicts": verdicts, "full_bytes": full,
-                                       "seconds": time.perf_counter() - started})
+    merged = out / "frontier.json"
+    save_cache(merged, key, rows, {"verdicts": verdicts, "full_bytes": full})
     for size in sizes:
         run_size = out / f"size-{size:g}"
         if run_size.is_dir():
-            shutil.copyfile(cache_path, run_size / "frontier.json")
+            shutil.copyfile(merged, run_size / "frontier.json")
     write_plot(rows, full, out / "frontier.html")
-    console.print(f"wrote {cache_path} and {out / 'frontier.html'} in {time.perf_counter() - started:.0f} s")
+    console.print(f"wrote {merged} and {out / 'frontier.html'} in {time.perf_counter() - started:.0f} s")
 
 
 def competitors(rows: dict[str, Row], limit: float) -> list[Row]:

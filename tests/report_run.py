@@ -5,6 +5,7 @@ in the run directory) and search.json is written from its trials, as the search 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -119,6 +120,21 @@ def make_eval(model: str, perplexity: float, size: int, kl: float | None) -> Eva
                       tokens_per_second=2000.0, decode_tokens_per_second=30.0, wall_seconds=40.0, threads=1)
 
 
+FRONTIER_ROWS = [  # (name, family, MiB, perplexity, grid-aligned)
+    ("original, 16-bit", "original", 270, 16.0, False), ("RTN 4-bit g128", "RTN", 80, 26.0, False),
+    ("GPTQ 4-bit g64", "GPTQ", 84, 22.0, False), ("HQQ 3-bit g64", "HQQ", 66, 31.0, False),
+    ("Q4_1", "gguf-legacy", 85, 21.0, True)]
+
+
+def make_frontier() -> dict:
+    """A frontier.json as bench/frontier.py writes it; one row not measured in full (no ppl)."""
+    rows = {name: {"name": name, "family": family, "bytes": mib * 2**20, "ppl": ppl, "aligned": aligned,
+                   "tokens": 16384} for name, family, mib, ppl, aligned in FRONTIER_ROWS}
+    rows["screened only"] = {"name": "screened only", "family": "RTN", "bytes": 2**20, "ppl": None,
+                             "screen_ppl": 99.0}
+    return {"key": {"model": "tiny-llama"}, "rows": rows}
+
+
 def build_run(run_dir: Path, model: str = "tiny-llama", *, study: bool = True, staged: bool = True) -> Path:
     """Write every artifact of a run into ``run_dir``; returns it."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +147,7 @@ def build_run(run_dir: Path, model: str = "tiny-llama", *, study: bool = True, s
     write_eval(make_eval(model, 16.0, 270 * 2**20, None), run_dir / "eval_original.json")
     if staged:
         write_artifact(run_dir / "staged.json", "staged", 1, staged_history(model))
+    (run_dir / "frontier.json").write_text(json.dumps(make_frontier()))
     return run_dir
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from autocompress.compress.apply import apply, compress_block
+from autocompress.compress.apply import apply, block_stats, compress_block
 from autocompress.compress.calibrate import capture_block_inputs, run_block
 from autocompress.compress.quant_embedding import embedding_unit, head_is_tied
 from autocompress.compress.quantize import QuantLinear
@@ -96,21 +96,63 @@ def test_dropped_blocks_save_and_load(tmp_path):
     assert (logits(loaded, tokens[:1]) - logits(model, tokens[:1])).abs().max() <= 1e-5
 
 
-def test_apply_calibrates_sequentially_and_compress_block_leaves_the_original():
-    """compress_block on a copy == the block apply() produced when given the same inputs."""
+def _two_block_schedule(model):
+    """GPTQ after structured pruning on block 0 (so re-collected statistics would differ from the
+    original's), act-order GPTQ with Wanda sparsity on block 1 (fed by block 0's outputs)."""
+    return Schedule(model_fingerprint(model), {
+        "model.layers.0": Choice(bits=3, group_size=32, method=GPTQ, channel_ratio=0.25),
+        "model.layers.1": Choice(bits=4, group_size=32, method=GPTQ, act_order=True, sparsity=0.5,
+                                 pattern=SparsityPattern.UNSTRUCTURED, score=PruneScore.WANDA)})
+
+
+def test_apply_calibrates_every_block_on_the_original_activations():
+    """apply() == compress_block with block_stats of the unchanged block on the original model's
+    inputs (what the profile and the search's trials do), block after block."""
     model = tiny_model("llama")
     tokens = random_tokens(4 * 32).view(4, 32)
-    choice = Choice(bits=3, group_size=32, method=GPTQ, channel_ratio=0.25)
-    adapter = adapter_for(model)
-    inputs = capture_block_inputs(model, tokens)
-    original = copy.deepcopy(adapter.blocks(model)[0])
-    copied = compress_block(adapter.blocks(model)[0], 0, model, choice, inputs)
-    assert isinstance(adapter.blocks(model)[0].mlp.down_proj, torch.nn.Linear)  # untouched
-    assert torch.equal(run_block(original, inputs), run_block(adapter.blocks(model)[0], inputs))
+    schedule = _two_block_schedule(model)
+    blocks = adapter_for(model).blocks(model)
+    inputs0 = capture_block_inputs(model, tokens)
+    inputs1 = inputs0.with_hidden(run_block(blocks[0], inputs0))  # the *original* block 0's outputs
+    original = copy.deepcopy(blocks[0])
+    expected = [compress_block(blocks[i], i, model, schedule.units[f"model.layers.{i}"], inputs,
+                               stats=block_stats(blocks[i], model, inputs))
+                for i, inputs in ((0, inputs0), (1, inputs1))]
+    assert isinstance(blocks[0].mlp.down_proj, torch.nn.Linear)  # compress_block leaves the original
+    assert torch.equal(run_block(original, inputs0), run_block(blocks[0], inputs0))
+    # re-collecting the statistics after block 0's channels were pruned gives other codes
+    recollected = compress_block(blocks[0], 0, model, schedule.units["model.layers.0"], inputs0)
+    assert not torch.equal(run_block(recollected, inputs0), run_block(expected[0], inputs0))
+
     applied = copy.deepcopy(model)
-    apply(applied, Schedule(model_fingerprint(model), {"model.layers.0": choice}), tokens, progress=False)
-    torch.testing.assert_close(run_block(adapter.blocks(applied)[0], inputs), run_block(copied, inputs),
-                               rtol=0, atol=1e-6)
+    apply(applied, schedule, tokens, progress=False)
+    for index, inputs in ((0, inputs0), (1, inputs1)):
+        torch.testing.assert_close(run_block(adapter_for(applied).blocks(applied)[index], inputs),
+                                   run_block(expected[index], inputs), rtol=0, atol=1e-6)
+    again = copy.deepcopy(model)
+    apply(again, schedule, tokens, progress=False)  # deterministic: the same codes twice
+    assert torch.equal(logits(again, tokens), logits(applied, tokens))
+
+
+def test_apply_sequential_calibrates_on_the_compressed_blocks_outputs():
+    """sequential=True (the old behaviour): statistics re-collected stage by stage inside each block,
+    and block 1 calibrated on the *compressed* block 0's outputs."""
+    model = tiny_model("llama")
+    tokens = random_tokens(4 * 32).view(4, 32)
+    schedule = _two_block_schedule(model)
+    blocks = adapter_for(model).blocks(model)
+    inputs0 = capture_block_inputs(model, tokens)
+    first = compress_block(blocks[0], 0, model, schedule.units["model.layers.0"], inputs0)
+    inputs1 = inputs0.with_hidden(run_block(first, inputs0))
+    second = compress_block(blocks[1], 1, model, schedule.units["model.layers.1"], inputs1)
+    applied = copy.deepcopy(model)
+    apply(applied, schedule, tokens, progress=False, sequential=True)
+    applied_blocks = adapter_for(applied).blocks(applied)
+    torch.testing.assert_close(run_block(applied_blocks[0], inputs0), run_block(first, inputs0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(run_block(applied_blocks[1], inputs1), run_block(second, inputs1), rtol=0, atol=1e-6)
+    default = copy.deepcopy(model)
+    apply(default, schedule, tokens, progress=False)
+    assert not torch.equal(logits(default, tokens), logits(applied, tokens))
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
@@ -139,7 +181,7 @@ def test_gptq_through_apply_beats_rtn_on_correlated_activations(family):
 @pytest.mark.parametrize("units,message", [
     ({"model.layers.7": Choice(bits=4)}, "unknown unit"),
     ({"model.layers.0.self_attn.q_proj": Choice(channel_ratio=0.5)}, "only be set on a block"),
-    ({"model.layers.0": Choice(bits=5)}, "bits must be one of"),
+    ({"model.layers.0": Choice(bits=7)}, "bits must be one of"),
     ({"model.layers.0": Choice(channel_ratio=1.0)}, r"channel_ratio must be in \[0, 1\)"),
     ({"model.layers.0": Choice(sparsity=-0.1, pattern=SparsityPattern.UNSTRUCTURED)}, "sparsity must be"),
     ({f"model.layers.{i}": Choice(drop=True) for i in range(3)}, "drops every block"),

@@ -7,7 +7,8 @@ import json
 import re
 
 import pytest
-from report_run import BLOCKS, BLOCK_PARAMS, block_kl, build_run, make_profile, make_schedule, unit_name
+from report_run import (BLOCKS, BLOCK_PARAMS, FRONTIER_ROWS, block_kl, build_run, make_profile, make_schedule,
+                        unit_name)
 
 from plotly.offline import get_plotlyjs
 
@@ -207,6 +208,53 @@ def test_eval_and_staged_tables(run):
     assert data.staged_info({"steps": []}).steps == []
 
 
+def test_frontier_info_reads_measured_rows_and_this_runs_point(run):
+    from autocompress.report.frontier_info import frontier_info, read_frontier
+
+    info = frontier_info(read_frontier(run.run_dir), run.evaluation)
+    assert [p.name for p in info.points] == [row[0] for row in FRONTIER_ROWS]  # the screened-only row left out
+    rtn = info.points[1]
+    assert (rtn.family, rtn.bytes, rtn.perplexity, rtn.aligned) == ("RTN", 80 * 2**20, 26.0, False)
+    assert info.points[-1].aligned and info.tokens == 16384
+    assert (info.own.bytes, info.own.perplexity) == (60 * 2**20, 24.0)  # eval.json
+    assert frontier_info(None, None) is None
+    assert frontier_info(None, run.evaluation).points == []
+    assert frontier_info(read_frontier(run.run_dir), None).own is None
+
+
+def test_frontier_file_that_is_broken_or_of_another_shape_is_ignored(tmp_path):
+    from autocompress.report.frontier_info import read_frontier
+
+    assert read_frontier(tmp_path) is None
+    (tmp_path / "frontier.json").write_text("{not json")
+    assert read_frontier(tmp_path) is None
+    (tmp_path / "frontier.json").write_text(json.dumps({"rows": [1, 2]}))
+    assert read_frontier(tmp_path) is None
+
+
+def test_prediction_gap_rows_from_the_schedule_and_the_evaluation():
+    from autocompress.report.frontier_info import prediction_gap_rows
+
+    meta = {"search": {"predicted_kl": 0.0123456, "corrected_kl": None, "measured_kl": 0.02}}
+    rows = prediction_gap_rows(meta, {"kl": 0.25, "tokens": 16384})
+    assert rows == [("predicted by the additive profile model", "0.01235"),
+                    ("measured on the held-aside calibration slice", "0.02"),
+                    ("final: the saved model on 16384 evaluation tokens", "0.25")]
+    assert prediction_gap_rows({}, None) == []
+
+
+def test_frontier_section_draws_the_recipes_and_this_run(run_dir, tmp_path):
+    page = write_report(run_dir).read_text()
+    section = page[page.index('<section id="frontier"'):page.index('<section id="staged"')]
+    assert 'class="missing"' not in section and "fig-frontier" in section
+    assert "this run" in section and "GPTQ 4-bit g64" in section and "grid-aligned, not compared" in section
+    # eval.json without frontier.json: the star alone, and a note naming the bench
+    (tmp_path / "eval.json").write_bytes((run_dir / "eval.json").read_bytes())
+    page = write_report(tmp_path).read_text()
+    section = page[page.index('<section id="frontier"'):]
+    assert "no frontier.json in this run: run bench/frontier.py" in section and "fig-frontier" in section
+
+
 def test_format_bytes_picks_a_readable_unit():
     assert [data.format_bytes(v) for v in (None, 812, 3482, 5 * 2**20, 3 * 2**30)] == \
         ["-", "812 B", "3.4 KiB", "5.0 MiB", "3.00 GiB"]
@@ -226,9 +274,9 @@ def test_full_report_has_every_section_and_plotly_once(run_dir):
     page = write_report(run_dir).read_text()
     sections = re.findall(r'<section id="([^"]+)"', page)
     assert sections == ["summary", "sensitivity", "roles", "schedule", "pareto", "history", "importances",
-                        "prediction", "evaluation", "staged", "artifacts"]
+                        "prediction", "evaluation", "frontier", "staged", "artifacts"]
     assert _plots(page) == ["fig-sensitivity", "fig-roles", "fig-schedule", "fig-pareto", "fig-history",
-                            "fig-importances", "fig-prediction", "fig-staged"]
+                            "fig-importances", "fig-prediction", "fig-frontier", "fig-staged"]
     assert 'class="missing"' not in page
     scripts = re.findall(r"<script[^>]*>", page)
     assert len(scripts) == 2 + len(_plots(page)) == page.count("</script>")  # packed plotly.js, loader, figures
@@ -249,12 +297,14 @@ def test_report_without_a_study_falls_back_to_search_json(tmp_path, run_dir):
     assert "sqlite:///gone/study.db does not exist here" in page and "drawn from search.json instead" in page
     assert not (tmp_path / "gone").exists()
     assert "no eval.json" in page and 'id="staged"' not in page
+    assert "no frontier.json (run bench/frontier.py) and no eval.json" in page
 
 
 def test_empty_run_dir_says_what_is_missing(tmp_path):
     page = write_report(tmp_path).read_text()
     assert _plots(page) == []
-    assert page.count('class="missing"') == 8  # every section but the summary and the artifact list
+    assert page.count('class="missing"') == 9  # every section but the summary and the artifact list
+    assert "no frontier.json (run bench/frontier.py) and no eval.json" in page
     assert "run `autocompress profile MODEL --out RUN`" in page
 
 

@@ -45,8 +45,8 @@ def test_report_renders_in_chromium_without_errors(report):
     assert check.errors == [] and check.console == [], (check.errors, check.console)
     assert check.resources == [], f"the report fetched {check.resources}"
     assert check.sections == ["summary", "sensitivity", "roles", "schedule", "pareto", "history", "importances",
-                              "prediction", "evaluation", "staged", "artifacts"]
-    assert len(check.plots) == 8 and check.unrendered == [], check.plots
+                              "prediction", "evaluation", "frontier", "staged", "artifacts"]
+    assert len(check.plots) == 9 and check.unrendered == [], check.plots
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in check.dom  # the hostile model name is shown as text
 
 

@@ -21,7 +21,7 @@ from autocompress.search import baselines
 from autocompress.search.budget import Budget
 from autocompress.search.decisions import build_slots, to_schedule
 from autocompress.search.result import SearchResult
-from autocompress.search.space import load_space
+from autocompress.search.space import load_space, space_from_dict
 from autocompress.search.study import SearchSettings, open_storage, search
 
 TINY = dict(holdout_tokens=1024, window=128, calibration_tokens=512, progress=False)
@@ -32,6 +32,17 @@ def run_dir(tmp_path_factory, tokenizer):
     from search_helpers import make_run
 
     return make_run(tmp_path_factory.mktemp("search"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def rtn_run(tmp_path_factory, tokenizer):
+    """A run of an RTN space (fast trials) for the storage and worker tests, and its space file."""
+    from search_helpers import make_run
+    from space_helpers import space_file
+
+    root = tmp_path_factory.mktemp("search-rtn")
+    space = space_file(root, "rtn-default")  # the old built-in default: RTN, bits 2-16, pruning
+    return make_run(root, tokenizer, space=space), space
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +104,10 @@ def test_figures_are_exact_and_additive(tiny_llama):
 
 
 def test_infeasible_budget_names_the_minimum(tiny_llama):
+    from space_helpers import rtn_space
+
     memory = MemoryModel.from_model(tiny_llama)
-    space = load_space("quant-only")
+    space = rtn_space("rtn-quant-only")  # bits 2-16, one group size
     slots = build_slots(space, tiny_llama)
     budget = Budget.parse(["memory=10%"], memory)
     base, tables = budget.cost.slot_costs(slots)
@@ -105,6 +118,35 @@ def test_infeasible_budget_names_the_minimum(tiny_llama):
     bits = Budget.parse(["avg-bits=1.5"], memory)
     with pytest.raises(UserError, match=r"avg-bits=2\.\d+ bits"):
         bits.check_feasible(*bits.cost.slot_costs(slots))
+
+
+def test_infeasible_budget_names_the_minimum_with_embedding_units(tiny_llama):
+    """The built-in quant-only space: 3 bits at the largest group everywhere, and the token
+    embedding and the (untied) head at 4 bits: that is its smallest model."""
+    memory = MemoryModel.from_model(tiny_llama)
+    space = load_space("quant-only")
+    assert min(space.bits) == 3 and min(space.embedding_bits) == 4 and max(space.group_sizes) == 128
+    slots = build_slots(space, tiny_llama)
+    assert [s.name for s in slots[:2]] == ["model.embed_tokens", "lm_head"]
+    budget = Budget.parse(["memory=10%"], memory)
+    base, tables = budget.cost.slot_costs(slots)
+    smallest = Schedule(model_fingerprint(tiny_llama), {
+        **{f"model.layers.{i}": space.quant_choice(3, 128) for i in range(3)},
+        "model.embed_tokens": Choice(bits=4, group_size=128), "lm_head": Choice(bits=4, group_size=128)})
+    smallest_bytes = memory.schedule_bytes(smallest)
+    # no other pick is smaller: every unit at its cheapest option
+    cheapest = base + sum(t[t[:, 0].argmin()] for t in tables)
+    assert budget.cost.to_figures(cheapest)["memory_bytes"] == smallest_bytes
+    with pytest.raises(UserError) as err:
+        budget.check_feasible(base, tables)
+    assert f"memory={smallest_bytes / 1e6:.4g} MB" in str(err.value) and "\n" not in str(err.value)
+    # without the embedding units (embedding_bits: []) the smallest model keeps them at 16 bits
+    plain = space_from_dict({**space.to_json(), "embedding_bits": []}, "test")
+    without = Schedule(model_fingerprint(tiny_llama), {f"model.layers.{i}": plain.quant_choice(3, 128) for i in range(3)})
+    with pytest.raises(UserError) as err:
+        budget.check_feasible(*budget.cost.slot_costs(build_slots(plain, tiny_llama)))
+    assert f"memory={memory.schedule_bytes(without) / 1e6:.4g} MB" in str(err.value)
+    assert memory.schedule_bytes(without) > smallest_bytes
 
 
 # -- baselines -----------------------------------------------------------------------------
@@ -154,6 +196,10 @@ def test_search_meets_memory_exactly_and_keeps_the_best_baseline(run_dir, tmp_pa
     best = saved.trial(saved.best)
     measured = [b["measured_kl"] for b in saved.baselines.values()]
     assert {"knapsack", "greedy"} <= set(saved.baselines) and any(k.startswith("uniform:") for k in saved.baselines)
+    # a uniform baseline is one block option with an option of the embedding and of the (untied) head:
+    # uniform:bits=4/g64+embed:bits=8/g128+embed:bits=16
+    uniform = [k for k in saved.baselines if k.startswith("uniform:")]
+    assert all(k.count("+embed:bits=") == 2 and k.split("+")[0].startswith("uniform:bits=") for k in uniform), uniform
     assert all(m is not None for m in measured) and best.measured_kl <= min(measured)
     assert saved.beat_baselines == (not best.source.startswith(("uniform:", "knapsack", "greedy")))
     assert all(t.latency_source == "roofline:h100" for t in saved.trials)
@@ -195,7 +241,10 @@ def _count_finished(url: str) -> int:
     return sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
 
 
-def _cli(run_dir: Path, *extra: str, budget: str = "memory=45%") -> list[str]:
+def _cli(run_dir: Path | tuple[Path, str], *extra: str, budget: str = "memory=45%") -> list[str]:
+    if isinstance(run_dir, tuple):  # (run, space file)
+        run_dir, space = run_dir
+        extra = ("--space", space, *extra)
     return [sys.executable, "-m", "autocompress", "search", str(run_dir), "--budget", budget,
             "--holdout-tokens", "1024", "--window", "128", "--calibration-tokens", "512", "--threads", "1",
             "--no-progress", "--measure", "4", *extra]
@@ -208,7 +257,8 @@ def _storage(kind: str, tmp_path, stem: str) -> tuple[str, Path]:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_sigkill_then_resume_loses_no_completed_trial(run_dir, tmp_path, kind):
+def test_sigkill_then_resume_loses_no_completed_trial(rtn_run, tmp_path, kind):
+    run_dir = rtn_run
     url, file = _storage(kind, tmp_path, "kill")
     errors = tmp_path / "worker.stderr"
     with errors.open("w") as stderr:
@@ -242,13 +292,14 @@ def test_sigkill_then_resume_loses_no_completed_trial(run_dir, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_two_workers_finish_exactly_the_requested_trials(run_dir, tmp_path, kind):
+def test_two_workers_finish_exactly_the_requested_trials(rtn_run, tmp_path, kind):
+    run_dir = rtn_run
     url, _ = _storage(kind, tmp_path, "two")
     done = subprocess.run(_cli(run_dir, "--trials", "16", "--storage", url, "--workers", "2"),
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert _count_finished(url) == 16
-    result = SearchResult.load(run_dir / "search.json")
+    result = SearchResult.load(run_dir[0] / "search.json")
     assert sum(t.state in ("COMPLETE", "PRUNED") for t in result.trials) == 16
 
 
@@ -256,7 +307,7 @@ def test_malformed_space_and_infeasible_budget_on_the_cli(run_dir, tmp_path, cap
     from autocompress.cli import main
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: bad\nbits: [5]\n")
+    bad.write_text("name: bad\nbits: [7]\n")
     assert main(_cli(run_dir, "--space", str(bad), "--storage", f"sqlite:///{tmp_path}/x.db")[3:]) == 2
     err = capsys.readouterr().err
     assert "bits" in err and len(err.strip().splitlines()) == 1

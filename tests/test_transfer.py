@@ -15,11 +15,11 @@ from autocompress.models import model_fingerprint
 from autocompress.profile.artifact import Profile, UnitProfile
 from autocompress.schedule import Choice, Schedule
 from autocompress.search.budget import Budget
-from autocompress.search.space import load_space
 from autocompress.transfer import agnostic_choices, describe, transfer_schedule, warm_start_schedules
 from autocompress.transfer.coordinates import model_coordinates, profile_summary
 from autocompress.transfer.repair import no_upgrade_fits
 from autocompress.transfer.sensitivity import from_summary
+from space_helpers import rtn_space, space_file
 from transfer_helpers import allocated_at_uniform, kl_between, memory_budget
 
 
@@ -38,7 +38,7 @@ def _measured_profile(model, space, tokens) -> Profile:
 
 @pytest.fixture(scope="module")
 def quant_space():
-    return load_space("quant-only")
+    return rtn_space("rtn-quant-only")  # the transfer maps bit widths: one group size, RTN
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_transfer_meets_the_budget_exactly_and_beats_uniform(source, quant_space
 
 
 def test_transfer_between_granularities_matches_fused_roles():
-    space = load_space("quant-linear")
+    space = rtn_space("rtn-quant-linear")
     llama = tiny_model("llama", layers=4)
     bits = {"q": 8, "k": 4, "v": 3, "o": 4, "gate": 2, "up": 4, "down": 3}
     paths = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -153,7 +153,7 @@ def test_neighbours_move_tied_linears_together():
     from autocompress.transfer.sensitivity import LossTable
     from autocompress.transfer.transfer import neighbours
 
-    space = load_space("quant-linear")  # q/k/v and gate/up tied
+    space = rtn_space("rtn-quant-linear")  # q/k/v and gate/up tied
     llama = tiny_model("llama", layers=4)
     uniform = Schedule(model_fingerprint(llama), {u: space.quant_choice(3) for u in space.units(llama)})
     budget, memory, limit = memory_budget(llama, uniform)
@@ -195,6 +195,7 @@ def saved(source, tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("transfer")
     _, _, schedule = source
     schedule.save(root / "run" / "schedule.json")
+    space_file(root, "rtn-quant-only")
     target = root / "qwen2"
     tiny_model("qwen2", layers=6, seed=1, vocab=len(tokenizer)).save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -210,7 +211,7 @@ def _one_line_error(capsys, argv, fragment):
 def test_cli_transfer_writes_schedule_and_prints_budget(saved, capsys):
     out = saved / "run2"
     assert main(["transfer", str(saved / "run"), str(saved / "qwen2"), "--budget", "memory=50%",
-                 "--space", "quant-only", "--out", str(out), "--threads", "1"]) == 0
+                 "--space", str(saved / "rtn-quant-only.yaml"), "--out", str(out), "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "model.layers.5" in printed and "memory=50%" in printed and "% used" in printed
     assert "check: KL" in printed and "kept" in printed
@@ -226,7 +227,7 @@ def test_cli_transfer_writes_schedule_and_prints_budget(saved, capsys):
 def test_cli_transfer_without_check(saved, capsys):
     out = saved / "run3"
     assert main(["transfer", str(saved / "run"), str(saved / "qwen2"), "--budget", "memory=60%",
-                 "--space", "quant-only", "--out", str(out), "--check-tokens", "0"]) == 0
+                 "--space", str(saved / "rtn-quant-only.yaml"), "--out", str(out), "--check-tokens", "0"]) == 0
     assert "check: KL" not in capsys.readouterr().out
     assert Schedule.load(out / "schedule.json").meta["transfer"]["check"] is None
     _one_line_error(capsys, ["transfer", str(saved / "run"), str(saved / "qwen2"), "--budget", "memory=60%",
@@ -248,7 +249,8 @@ def test_cli_incompatible_targets_fail_with_one_line(saved, capsys, tokenizer):
     _one_line_error(capsys, ["transfer", str(saved / "run"), str(empty), "--budget", "memory=60%"],
                     "no decoder blocks")
     _one_line_error(capsys, ["transfer", str(saved / "run"), str(saved / "qwen2"), "--budget", "memory=3%",
-                             "--space", "quant-only", "--out", str(saved / "x")], "below the minimum")
+                             "--space", str(saved / "rtn-quant-only.yaml"), "--out", str(saved / "x")],
+                    "below the minimum")
 
 
 def test_search_warm_start_enqueues_the_transfer_first(source, quant_space, tmp_path, tokenizer):
@@ -258,8 +260,9 @@ def test_search_warm_start_enqueues_the_transfer_first(source, quant_space, tmp_
 
     _, _, schedule = source
     schedule.save(tmp_path / "source" / "schedule.json")
-    run = make_run(tmp_path, tokenizer, space="quant-only")
-    settings = SearchSettings(run_dir=str(run), budget=("memory=60%",), trials=8, space="quant-only",
+    space = space_file(tmp_path, "rtn-quant-only")
+    run = make_run(tmp_path, tokenizer, space=space)
+    settings = SearchSettings(run_dir=str(run), budget=("memory=60%",), trials=8, space=space,
                               warm_start=str(tmp_path / "source"), holdout_tokens=1024, window=128,
                               calibration_tokens=512, progress=False)
     result = search(settings)

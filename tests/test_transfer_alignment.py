@@ -11,9 +11,9 @@ from autocompress.compress.tiny_models import random_tokens, tiny_model
 from autocompress.models import model_fingerprint
 from autocompress.schedule import Choice, Schedule
 from autocompress.search.budget import Budget
-from autocompress.search.space import load_space
 from autocompress.transfer import describe, transfer_schedule
 from autocompress.transfer.alignment import align_blocks, block_signature
+from space_helpers import rtn_space, space_file
 
 
 def _source(seed: int = 0, vocab: int = 256):
@@ -58,7 +58,7 @@ def test_alignment_of_identical_and_deeper_models():
 
 
 def test_transfer_with_signature_gives_kept_blocks_their_source_choice():
-    space = load_space("quant-only")
+    space = rtn_space("rtn-quant-only")
     source = _source()
     tokens = _tokens(source)
     bits = [4, 4, 4, 8, 2, 4, 4, 4]  # source block 3 kept at 8 bits, block 4 squeezed to 2
@@ -84,7 +84,7 @@ def test_transfer_with_signature_gives_kept_blocks_their_source_choice():
 def test_cli_transfer_aligns_blocks_when_the_source_has_a_signature(tmp_path, capsys, tokenizer):
     from autocompress.cli import main
 
-    space = load_space("quant-only")
+    space = rtn_space("rtn-quant-only")
     source = _source(vocab=len(tokenizer))
     schedule = Schedule.uniform(source, space.quant_choice(3))
     schedule = describe(schedule, source, signature=block_signature(source, _tokens(source)))
@@ -94,7 +94,8 @@ def test_cli_transfer_aligns_blocks_when_the_source_has_a_signature(tmp_path, ca
     tokenizer.save_pretrained(tmp_path / "target")
     out = tmp_path / "out"
     assert main(["transfer", str(tmp_path / "run"), str(tmp_path / "target"), "--budget", "memory=60%",
-                 "--space", "quant-only", "--out", str(out), "--threads", "1", "--signature-tokens", "256"]) == 0
+                 "--space", space_file(tmp_path, "rtn-quant-only"), "--out", str(out), "--threads", "1",
+                 "--signature-tokens", "256"]) == 0
     assert "blocks aligned by block_influence" in capsys.readouterr().out
     alignment = Schedule.load(out / "schedule.json").meta["transfer"]["alignment"]
     assert alignment["by"] == "block_influence" and len(alignment["source_blocks"]) == 6

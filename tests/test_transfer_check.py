@@ -11,12 +11,12 @@ from autocompress.compress.tiny_models import random_tokens, sampled_tokens, tin
 from autocompress.models import LoadedModel
 from autocompress.profile.run import ProfileSettings, profile_model
 from autocompress.schedule import Choice, Schedule
-from autocompress.search.space import load_space
 from autocompress.transfer import transfer_schedule
 from autocompress.transfer.check import exchanges
 from autocompress.transfer.coordinates import model_coordinates
 from autocompress.transfer.repair import no_upgrade_fits
 from autocompress.transfer.sensitivity import LossTable
+from space_helpers import rtn_space
 from transfer_helpers import allocated_at_uniform, kl_between, memory_budget
 
 
@@ -26,7 +26,7 @@ def _budget(model, space, bits=3):
 
 @pytest.fixture(scope="module")
 def space():
-    return load_space("quant-only")
+    return rtn_space("rtn-quant-only")
 
 
 @pytest.fixture(scope="module")

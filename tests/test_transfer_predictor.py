@@ -10,8 +10,8 @@ import pytest
 from autocompress.compress.tiny_models import tiny_model
 from autocompress.errors import UserError
 from autocompress.profile.artifact import Profile, UnitProfile
-from autocompress.search.space import load_space
 from autocompress.transfer.predictor import SensitivityPredictor, predicted_kl, select_units_to_measure
+from space_helpers import rtn_space, space_file
 
 LABELS = {"bits=2": 2, "bits=3": 3, "bits=4": 4}
 
@@ -20,7 +20,7 @@ def _profile(name: str, blocks: int, seed: int) -> Profile:
     """A profile whose KL follows a law the predictor can learn: sensitive ends, x4 per bit,
     and a proxy ("fisher") that tracks the sensitivity with noise."""
     rng = np.random.default_rng(seed)
-    space = load_space("quant-only")
+    space = rtn_space("rtn-quant-only")
     units = []
     for i in range(blocks):
         depth = i / (blocks - 1)
@@ -62,7 +62,7 @@ def test_predictor_file_is_checked_strictly(tmp_path):
 def test_select_units_to_measure_and_predict_the_rest():
     predictor = SensitivityPredictor.from_profiles([_profile("a", 8, 0), _profile("b", 12, 1)], trees=40)
     model = tiny_model("qwen2", layers=6)
-    probes = [(label, load_space("quant-only").quant_choice(bits)) for label, bits in LABELS.items()]
+    probes = [(label, rtn_space("rtn-quant-only").quant_choice(bits)) for label, bits in LABELS.items()]
     chosen = select_units_to_measure(predictor, model, probes, fraction=0.5)
     assert len(chosen) == 3 and len(set(chosen)) == 3
     assert {"model.layers.0", "model.layers.5"} <= set(chosen)
@@ -82,7 +82,7 @@ def test_profile_predict_measures_only_uncertain_units(tmp_path, tokenizer, caps
     tokenizer.save_pretrained(model_dir)
     predictor_path = SensitivityPredictor.from_profiles([_profile("a", 8, 0)], trees=20).save(tmp_path / "p.json")
     run = tmp_path / "run"
-    argv = ["profile", str(model_dir), "--space", "quant-only", "--out", str(run), "--predict", str(predictor_path),
+    argv = ["profile", str(model_dir), "--space", space_file(tmp_path, "rtn-quant-only"), "--out", str(run), "--predict", str(predictor_path),
             "--measure-fraction", "0.5", "--tokens", "256", "--seq-len", "64", "--no-roles", "--no-proxies",
             "--threads", "1"]
     assert main(argv) == 0

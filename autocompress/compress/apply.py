@@ -15,9 +15,9 @@ from torch import nn
 
 from ..models import FamilyAdapter, HeadLayout, adapter_for, config_head_dim
 from ..progress import progress_bar
-from ..schedule import Choice, PruneScore, QuantMethod, Schedule, SparsityPattern
+from ..schedule import Choice, Observer, PruneScore, QuantMethod, Schedule, SparsityPattern
 from .calibrate import BlockInputs, LinearStats, capture_block_inputs, collect_stats, run_block, token_batch
-from .gptq import gptq_quantize, gptq_quantize_many
+from .gptq import gptq_quantize, gptq_quantize_many, quantize_observed
 from .prune import (channel_scores, drop_blocks, head_group_scores, keep_top, kept_channels, kept_heads,
                     prune_channels, prune_heads, set_submodule, sparsity_mask, weight_scores)
 from .quant_embedding import quantize_embeddings_
@@ -117,13 +117,19 @@ def compress_linear(module: nn.Linear, choice: Choice, stats: LinearStats | None
             raise ValueError("GPTQ needs the layer's Hessian from calibration")
         key = _memo_key(choice, module.weight.shape)
         q = stats.memo.get(key) if mask is None else None
-        if q is None:
+        if q is None and mask is None and choice.act_order:
+            q = gptq_quantize_many(module.weight, stats.hessian, [(choice.bits, choice.group_size)],
+                                   observer=choice.observer.value)[0]
+            stats.memo[key] = q
+        elif q is None:
             q = gptq_quantize(module.weight, stats.hessian, choice.bits, choice.group_size,
                               act_order=choice.act_order, mask=mask)
             if mask is None:
                 stats.memo[key] = q
-    else:
+    elif choice.observer is Observer.MINMAX or mask is not None:
         q = quantize_rtn(module.weight, choice.bits, choice.group_size, mask)
+    else:
+        q = quantize_observed(module.weight, choice.bits, choice.group_size, choice.observer.value)
     return QuantLinear.from_quantized(q, module.bias)
 
 
@@ -140,23 +146,26 @@ def block_stats(block: nn.Module, model: nn.Module, inputs: BlockInputs, *, batc
 
 
 def _memo_key(choice: Choice, shape) -> tuple:
-    return (choice.bits, choice.group_size, choice.act_order, tuple(shape))
+    return (choice.bits, choice.group_size, choice.act_order, choice.observer, tuple(shape))
 
 
 @torch.no_grad()
 def precompute_gptq(block: nn.Module, model: nn.Module, stats: dict[str, LinearStats], choices) -> None:
     """Fill ``stats``' GPTQ memo for every linear of the unchanged ``block`` under each act-order GPTQ
     choice in ``choices``, one stacked pass per linear (:func:`~.gptq.gptq_quantize_many`)."""
-    grids = sorted({(c.bits, c.group_size) for c in choices
-                    if c.quantized and c.method is QuantMethod.GPTQ and c.act_order}, key=str)
-    for path in adapter_for(model).linears.values():
-        weight, linear_stats = block.get_submodule(path).weight, stats[path]
-        todo = [grid for grid in grids if _memo_key(Choice(bits=grid[0], group_size=grid[1], act_order=True),
-                                                    weight.shape) not in linear_stats.memo]
-        if not todo or linear_stats.hessian is None:
-            continue
-        for (bits, group), q in zip(todo, gptq_quantize_many(weight, linear_stats.hessian, todo)):
-            linear_stats.memo[_memo_key(Choice(bits=bits, group_size=group, act_order=True), weight.shape)] = q
+    wanted = {(c.observer, c.bits, c.group_size) for c in choices
+              if c.quantized and c.method is QuantMethod.GPTQ and c.act_order}
+    for observer in sorted({o for o, _, _ in wanted}, key=str):
+        grids = sorted({(b, g) for o, b, g in wanted if o is observer}, key=str)
+        key = lambda grid, shape: _memo_key(Choice(bits=grid[0], group_size=grid[1], method=QuantMethod.GPTQ,  # noqa: E731
+                                                   act_order=True, observer=observer), shape)
+        for path in adapter_for(model).linears.values():
+            weight, linear_stats = block.get_submodule(path).weight, stats[path]
+            todo = [grid for grid in grids if key(grid, weight.shape) not in linear_stats.memo]
+            if not todo or linear_stats.hessian is None:
+                continue
+            for grid, q in zip(todo, gptq_quantize_many(weight, linear_stats.hessian, todo, observer=observer.value)):
+                linear_stats.memo[key(grid, weight.shape)] = q
 
 
 @torch.no_grad()

@@ -113,11 +113,37 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     return QuantizedWeight(packing.pack(codes, bits), scales, zeros, bits, g, k)
 
 
-OBSERVERS = ("minmax", "mse", "hqq")
+OBSERVERS = ("minmax", "mse", "hqq", "best")
 
 
-def _observe(weight: torch.Tensor, bits: int, g: int, observer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (scales, zeros) [N, groups] of ``weight`` for static groups of ``g`` columns."""
+def group_errors(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, g: int,
+                 importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared rounding error per (row, group) [N, groups], columns weighted by ``importance`` [K]."""
+    n, k = weight.shape
+    group_of = torch.arange(k, device=weight.device) // g
+    s, z = scales.float()[:, group_of], zeros.float()[:, group_of]
+    q = torch.clamp(torch.round(weight / s + z), 0, (1 << bits) - 1)
+    error = (weight - (q - z) * s).square()
+    if importance is not None:
+        error = error * importance
+    return torch.zeros(n, scales.shape[1], device=weight.device).index_add_(1, group_of, error)
+
+
+def _observe(weight: torch.Tensor, bits: int, g: int, observer: str,
+             importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scales, zeros) [N, groups] of ``weight`` for static groups of ``g`` columns.
+
+    ``best`` takes, per group, whichever of the other observers' parameters gives the lowest
+    rounding error weighted by ``importance`` (the Hessian's diagonal: how much each input
+    column's error costs the layer's output).
+    """
+    if observer == "best":
+        candidates = [_observe(weight, bits, g, name) for name in ("minmax", "mse", "hqq")]
+        errors = torch.stack([group_errors(weight, sc, zr, bits, g, importance) for sc, zr in candidates])
+        pick = errors.argmin(dim=0, keepdim=True)
+        scales = torch.stack([sc for sc, _ in candidates]).gather(0, pick).squeeze(0)
+        zeros = torch.stack([zr for _, zr in candidates]).gather(0, pick).squeeze(0)
+        return scales, zeros
     if observer == "minmax":
         n, k = weight.shape
         groups = packing.num_groups(k, g)
@@ -140,7 +166,7 @@ def _observe(weight: torch.Tensor, bits: int, g: int, observer: str) -> tuple[to
 
 @torch.no_grad()
 def gptq_quantize_many(weight: torch.Tensor, hessian: torch.Tensor, grids: list[tuple[int, int | None]], *,
-                       damp: float = 0.01, block_size: int = 128, observer: str = "minmax") -> list[QuantizedWeight]:
+                       damp: float = 0.01, block_size: int = 32, observer: str = "minmax") -> list[QuantizedWeight]:
     """GPTQ with act-order for several (bits, group_size) grids of one weight in a single pass.
 
     GPTQ's updates are independent per output row given the shared Hessian, and with
@@ -165,7 +191,7 @@ def gptq_quantize_many(weight: torch.Tensor, hessian: torch.Tensor, grids: list[
     for bits, group_size in grids:
         g = effective_group_size(group_size, k)
         groups = packing.num_groups(k, g)
-        scales, zeros = _observe(w0, bits, g, observer)
+        scales, zeros = _observe(w0, bits, g, observer, h.diagonal())
         group_of = torch.arange(k, device=w0.device) // g
         scale_cols.append(scales.float()[:, group_of])
         zero_cols.append(zeros.float()[:, group_of])
@@ -173,30 +199,43 @@ def gptq_quantize_many(weight: torch.Tensor, hessian: torch.Tensor, grids: list[
         metas.append((bits, g, scales, zeros))
     perm = torch.argsort(h.diagonal(), descending=True)
     inv_perm = torch.argsort(perm)
-    w = w0.repeat(len(grids), 1)[:, perm].contiguous()
-    s_all = torch.cat(scale_cols)[:, perm].contiguous()
-    z_all = torch.cat(zero_cols)[:, perm].contiguous()
+    # Transposed ([K, rows]): a column of W is a contiguous row here, so the per-column work
+    # of the inner loop reads and updates contiguous memory.
+    wt = w0.repeat(len(grids), 1)[:, perm].t().contiguous()
+    s_all = torch.cat(scale_cols)[:, perm].t().contiguous()
+    z_all = torch.cat(zero_cols)[:, perm].t().contiguous()
     maxq = torch.cat(maxqs).squeeze(1)
     hinv = _inverse_cholesky(h[perm][:, perm], damp)
-    codes = torch.zeros_like(w, dtype=torch.uint8)
+    codes = torch.zeros_like(wt, dtype=torch.uint8)
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
-        w1 = w[:, start:end].clone()
+        w1 = wt[start:end].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[start:end, start:end]
         for i in range(end - start):
             col = start + i
-            scale, zero = s_all[:, col], z_all[:, col]
-            column = w1[:, i]
+            scale, zero = s_all[col], z_all[col]
+            column = w1[i]
             q = torch.minimum(torch.clamp(torch.round(column / scale + zero), min=0), maxq)
-            codes[:, col] = q.to(torch.uint8)
+            codes[col] = q.to(torch.uint8)
             err = (column - (q - zero) * scale) / hinv1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, end:] -= err1 @ hinv[start:end, end:]
-    codes = codes[:, inv_perm]
+            w1[i:] -= hinv1[i, i:].unsqueeze(1) * err.unsqueeze(0)
+            err1[i] = err
+        wt[end:] -= hinv[start:end, end:].t() @ err1
+    codes = codes.t()[:, inv_perm]
     out = []
     for index, (bits, g, scales, zeros) in enumerate(metas):
         rows = codes[index * n:(index + 1) * n]
         out.append(QuantizedWeight(packing.pack(rows, bits), scales, zeros, bits, g, k))
     return out
+
+
+def quantize_observed(weight: torch.Tensor, bits: int, group_size: int | None, observer: str) -> QuantizedWeight:
+    """Round-to-nearest with the groups' scale and zero set by ``observer`` (no Hessian: unweighted)."""
+    k = weight.shape[1]
+    g = effective_group_size(group_size, k)
+    w = weight.detach().float()
+    scales, zeros = _observe(w, bits, g, observer)
+    group_of = torch.arange(k, device=w.device) // g
+    codes = torch.clamp(torch.round(w / scales.float()[:, group_of] + zeros.float()[:, group_of]), 0, (1 << bits) - 1)
+    return QuantizedWeight(packing.pack(codes.to(torch.uint8), bits), scales, zeros, bits, g, k)

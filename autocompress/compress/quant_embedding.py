@@ -194,6 +194,10 @@ def quantize_weight_for(choice: Choice, weight: torch.Tensor) -> QuantizedWeight
         return quantize_hqq(weight, choice.bits, choice.group_size)
     if choice.method is not QuantMethod.RTN:
         raise ValueError(f"method {method!r} needs calibration statistics; an embedding is quantized with 'rtn'")
+    if choice.observer.value != "minmax":
+        from .gptq import quantize_observed  # noqa: PLC0415
+
+        return quantize_observed(weight, choice.bits, choice.group_size, choice.observer.value)
     return quantize_rtn(weight, choice.bits, choice.group_size)
 
 

@@ -233,14 +233,16 @@ def _quality(model: nn.Module, teacher: nn.Module | None, tokens: torch.Tensor, 
     return Quality(m["perplexity"], m["loss"], m["kl"] if teacher is not None else 0.0)
 
 
-def _restore(model: nn.Module, saved_blocks: dict[int, nn.Module], head: tuple[nn.Module, bool]) -> None:
-    """Put back the blocks and the output head saved before a step (exact rollback)."""
+def _restore(model: nn.Module, saved_blocks: dict[int, nn.Module], head: tuple) -> None:
+    """Put back the blocks, the output head and the token embedding saved before a step (exact rollback)."""
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     for index, block in saved_blocks.items():
         blocks[index] = block
     set_submodule(model, adapter.lm_head, head[0])
     model.config.tie_word_embeddings = head[1]
+    if len(head) > 2:
+        set_submodule(model, adapter.embeddings[0], head[2])
 
 
 def _save_all(saved: dict[int, nn.Module], blocks) -> None:
@@ -374,8 +376,9 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         blocks = adapter_for(student).blocks(student)
         step_blocks = {u.index for u in step if u.index is not None}
         saved = {i: copy.deepcopy(blocks[i]) for i in step_blocks}
-        head_name = adapter_for(student).lm_head
-        saved_head = (student.get_submodule(head_name), student.config.tie_word_embeddings)
+        head_name, embedding_name = adapter_for(student).lm_head, adapter_for(student).embeddings[0]
+        saved_head = (student.get_submodule(head_name), student.config.tie_word_embeddings,
+                      student.get_submodule(embedding_name))
         faded = None
         if config.fade:
             fades = plan_fades(student, step, stat_rows, fingerprint, teacher, config.batch_size)

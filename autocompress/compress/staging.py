@@ -23,6 +23,7 @@ from .apply import DroppedBlock, _compress_head, block_head_layout, compress_blo
 from .calibrate import capture_block_inputs, run_block
 from .memory import MemoryModel
 from .prune import drop_blocks, kept_channels, kept_heads, set_submodule
+from .quant_embedding import quantize_embeddings_
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,10 @@ def stage_units(model: nn.Module, schedule: Schedule) -> list[StageUnit]:
                    if (unit == name or unit.startswith(name + ".")) and choice != Choice()}
         if entries:
             units.append(StageUnit(name, index, entries))
-    head = schedule.units.get(adapter.lm_head)
-    if head is not None and head != Choice():
-        units.append(StageUnit(adapter.lm_head, None, {adapter.lm_head: head}))
+    for name in (adapter.embeddings[0], adapter.lm_head):  # the token table (a tied head with it), the head
+        choice = schedule.units.get(name)
+        if choice is not None and choice != Choice():
+            units.append(StageUnit(name, None, {name: choice}))
     return units
 
 
@@ -226,6 +228,9 @@ def compress_step_(model: nn.Module, units: list[StageUnit], rows: torch.Tensor 
             inputs = inputs.with_hidden(run_block(blocks[index], inputs, batch_size=batch_size))
     if head_choice is not None:
         _compress_head(model, adapter, head_choice, inputs if head_gptq else None, batch_size)
+    embedding_choice = step.units.get(adapter.embeddings[0])
+    if embedding_choice is not None:
+        quantize_embeddings_(model, embedding_choice, None)
 
 
 # ---------------------------------------------------------------------------------------

@@ -377,9 +377,9 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
             raise UserError(f"{exc} (or pass --force to replace it)") from None
         return ProfileOutcome(existing, path, True)
     calibration = choose_calibration(loaded, data, settings)
+    save_calibration(out_dir, calibration)  # first: other processes may calibrate on it meanwhile
     profile = profile_model(loaded, stream, space, settings, model_name=model_spec,
                             data_name=data, model_fp=model_fp, calibration=calibration)
-    save_calibration(out_dir, calibration)
     profile.save(path)
     return ProfileOutcome(profile, path, False)
 

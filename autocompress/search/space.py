@@ -7,6 +7,7 @@ A space file (``search_spaces/default.yaml`` and friends, or a user's own)::
     group_size: [64, 128]       # one size or a list to choose from per unit; null = per-channel
     method: gptq                # quantizer of profile, search and apply alike (rtn | gptq)
     act_order: true             # GPTQ visits columns by decreasing Hessian diagonal
+    observer: best              # group scale/zero: minmax | mse | hqq | best (see schedule.Observer)
     bits: [3, 4, 5, 6, 8, 16]
     embedding_bits: [4, 5, 6, 8, 16]   # the token embedding (and a tied head) as a unit; [] = kept
     sparsity: [0.5]             # unstructured ratios (Wanda scores)
@@ -21,8 +22,8 @@ The profile measures every *single-axis* choice of the space (:meth:`SearchSpace
 the search combines one quantization (bit width and group size) with at most one pruning
 choice per unit. Quantization labels are ``bits=4`` when the space has one group size and
 ``bits=4/g64`` when it offers several. The embedding unit's choices are labelled
-``embed:bits=6/g64``; it is quantized round-to-nearest (no Hessian serves both of a tied
-table's roles).
+``embed:bits=6/g64``; it is quantized round-to-nearest with the space's observer (no Hessian
+serves both of a tied table's roles, so ``best`` weighs every column alike there).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..schedule import ALLOWED_BITS, Choice, QuantMethod, SparsityPattern
+from ..schedule import ALLOWED_BITS, Choice, Observer, QuantMethod, SparsityPattern
 
 
 class Granularity(str, Enum):
@@ -55,6 +56,7 @@ class SearchSpace:
     group_sizes: tuple[int | None, ...] = (128,)
     method: QuantMethod = QuantMethod.RTN
     act_order: bool = False
+    observer: Observer = Observer.MINMAX
     bits: tuple[int, ...] = (2, 3, 4, 8, 16)
     embedding_bits: tuple[int, ...] = ()
     sparsity: tuple[float, ...] = ()
@@ -78,7 +80,7 @@ class SearchSpace:
         if bits >= 16:
             return Choice()
         return Choice(bits=bits, group_size=group, method=self.method,
-                      act_order=self.act_order and self.method is QuantMethod.GPTQ)
+                      act_order=self.act_order and self.method is QuantMethod.GPTQ, observer=self.observer)
 
     def quant_label(self, bits: int, group_size: int | None) -> str:
         """``bits=4`` (one group size in the space) or ``bits=4/g64`` (``/gch``: per channel)."""
@@ -93,8 +95,8 @@ class SearchSpace:
 
     def embedding_choices(self) -> list[tuple[str, Choice]]:
         """The embedding unit's quantizing choices (round-to-nearest), labelled ``embed:bits=...``."""
-        return [(f"embed:{self.quant_label(b, g)}", Choice(bits=b, group_size=g)) for b in self.embedding_bits
-                if b < 16 for g in self.group_sizes]
+        return [(f"embed:{self.quant_label(b, g)}", Choice(bits=b, group_size=g, observer=self.observer))
+                for b in self.embedding_bits if b < 16 for g in self.group_sizes]
 
     def prune_choices(self) -> list[tuple[str, Choice]]:
         """Every pruning choice of the space, labelled (``sparsity=0.5``, ``2:4``, ``heads=0.25``...)."""
@@ -140,14 +142,15 @@ class SearchSpace:
         """Plain-dict form (used for fingerprints and artifacts)."""
         group = self.group_size if len(self.group_sizes) == 1 else list(self.group_sizes)
         return {"name": self.name, "granularity": self.granularity.value, "group_size": group,
-                "method": self.method.value, "act_order": self.act_order, "bits": list(self.bits),
+                "method": self.method.value, "act_order": self.act_order, "observer": self.observer.value,
+                "bits": list(self.bits),
                 "embedding_bits": list(self.embedding_bits), "sparsity": list(self.sparsity),
                 "two_four": self.two_four, "head_ratio": list(self.head_ratio),
                 "channel_ratio": list(self.channel_ratio), "drop": self.drop,
                 "tie": [list(t) for t in self.tie], "frozen": list(self.frozen), "description": self.description}
 
 
-_KEYS = {"name", "granularity", "group_size", "method", "act_order", "bits", "embedding_bits", "sparsity",
+_KEYS = {"name", "granularity", "group_size", "method", "act_order", "observer", "bits", "embedding_bits", "sparsity",
          "two_four", "head_ratio", "channel_ratio", "drop", "tie", "frozen", "description"}
 _ROLES = {"q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up"}
 
@@ -159,6 +162,13 @@ def _ratios(value: Any, where: str) -> tuple[float, ...]:
         if not 0 < v < 1:
             raise UserError(f"{where}: ratio {v} is outside (0, 1)")
     return tuple(sorted(float(v) for v in value))
+
+
+def _observer(value: Any, where: str) -> Observer:
+    try:
+        return Observer(value)
+    except ValueError:
+        raise UserError(f"{where}: expected one of {[o.value for o in Observer]}, got {value!r}") from None
 
 
 def _flag(value: Any, where: str) -> bool:
@@ -220,6 +230,7 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
     space = SearchSpace(
         name=name, granularity=granularity, group_sizes=tuple(group_sizes), method=method,
         act_order=_flag(data.get("act_order", False), where("act_order")),
+        observer=_observer(data.get("observer", "minmax"), where("observer")),
         bits=tuple(sorted(set(bits))), embedding_bits=tuple(sorted(set(embedding_bits) | {16})) if embedding_bits else (), sparsity=_ratios(data.get("sparsity", []), where("sparsity")),
         two_four=_flag(data.get("two_four", False), where("two_four")),
         head_ratio=_ratios(data.get("head_ratio", []), where("head_ratio")),
@@ -229,6 +240,8 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
     )
     if space.granularity is Granularity.LINEAR and (space.head_ratio or space.channel_ratio or space.drop):
         raise UserError(f"{source}: head_ratio, channel_ratio and drop need granularity: block")
+    if space.observer is not Observer.MINMAX and space.method is QuantMethod.GPTQ and not space.act_order:
+        raise UserError(f"{where('observer')}: observer {space.observer.value!r} needs act_order: true with gptq")
     if space.act_order and space.method is not QuantMethod.GPTQ:
         raise UserError(f"{where('act_order')}: act-order is a GPTQ setting; set method: gptq or drop act_order")
     if len(space.bits) == 1 and len(space.group_sizes) == 1 and not space.prune_choices() \

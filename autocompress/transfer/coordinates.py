@@ -88,6 +88,8 @@ def model_coordinates(model) -> dict[str, UnitCoordinates]:
             out[f"{name}.{path}"] = UnitCoordinates(f"{name}.{path}", i, role, depth, params / mean_linear, params)
     head = memory.head.out * memory.head.inp
     out[memory.head_name] = UnitCoordinates(memory.head_name, -1, HEAD_ROLE, 1.0, 1.0, head)
+    if memory.embedding_name:  # the token table: with a tied head it is the head's weight too
+        out[memory.embedding_name] = UnitCoordinates(memory.embedding_name, -1, HEAD_ROLE, 1.0, 1.0, head)
     return out
 
 
@@ -202,7 +204,7 @@ def _inferred(schedule: Schedule, where: str) -> list[AgnosticChoice]:
     for name, choice in schedule.units.items():
         prefix = next((p for p in prefixes if name.startswith(p + ".")), None)
         if prefix is None:
-            if name == "lm_head":
+            if name == "lm_head" or name in {a.embeddings[0] for a in ADAPTERS}:
                 parsed.append((name, -1, HEAD_ROLE, choice))
                 continue
             raise UserError(f"{where}: cannot place unit {name!r} in another model (not a block, linear or head)")

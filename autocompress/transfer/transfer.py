@@ -21,7 +21,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import UserError
-from ..schedule import Choice, Schedule
+from ..schedule import Choice, QuantMethod, Schedule
 from .alignment import align_blocks, block_signature, signature_from_profile
 from .check import distinct, exchanges, pick_checked
 from .coordinates import (BLOCK_ROLE, HEAD_ROLE, AgnosticChoice, agnostic_choices, describe, model_coordinates,
@@ -213,8 +213,10 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
             continue
         mapped[name], origin[name] = map_choice(matching, coordinates[name].relative_depth, candidates)
     head = [e for e in entries if e.role == HEAD_ROLE]
-    if head and memory.head_name not in units:
-        mapped[memory.head_name] = head[0].choice
+    # A tied head is quantized through the embedding unit (it covers both).
+    head_unit = memory.embedding_name if memory.head_tied else memory.head_name
+    if head and head_unit not in units and head[0].choice.pattern.value == "none":
+        mapped[head_unit] = dataclasses.replace(head[0].choice, method=QuantMethod.RTN, act_order=False)
     if block_units and all(mapped.get(b, Choice()).drop for b in block_units):
         keep = min(block_units & set(mapped))
         mapped[keep] = snap(Choice(), candidate_choices(space, True))
