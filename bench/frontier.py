@@ -265,7 +265,8 @@ def run_baselines(args, model, tokenizer, reference, eval_tokens, run: Path, cac
             gptq = gptq_codes(model, load_calibration(run).rows, grids)
             console.print(f"GPTQ codes for {len(grids)} grids: {time.perf_counter() - tick:.0f} s")
         weights.set(linear_function(spec, gptq), table)
-        metrics = evaluate(model, screen_tokens, reference)
+        # Screening ranks by perplexity alone (no reference pass: half the cost).
+        metrics = evaluate(model, screen_tokens, None if args.screen_tokens else reference)
         weights.restore()
         if args.screen_tokens:
             row.screen_ppl = metrics["perplexity"]
@@ -331,18 +332,28 @@ def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cach
         result = search(settings_search, model=model, tokenizer=tokenizer, evaluator=evaluator)
         console.print(f"search at {label}: {time.perf_counter() - tick:.0f} s, best trial {result.best} "
                       f"({result.trial(result.best).source})")
-        applied = apply_run(ApplyConfig(run_size, out=run_size / "model", overwrite=True, progress=False))
-        compressed, _ = load_compressed(applied.out)
-        metrics = evaluate(compressed, eval_tokens, reference)
-        record(Row(f"searched @ {label}", "searched", stored_bytes(compressed), metrics["perplexity"], metrics["kl"],
+        best = result.trial(result.best)
+        measured = on_eval.measure(best.choices)
+        searched_bytes = MemoryModel.from_model(model).schedule_bytes(to_schedule(context.slots, best.choices,
+                                                                                  fingerprint))
+        record(Row(f"searched @ {label}", "searched", searched_bytes, measured["ppl"], measured["kl"],
                    eval_tokens.numel(), size=label))
-        console.print(f"  searched @ {label}: {stored_bytes(compressed) / 2**20:.2f} MiB, "
-                      f"perplexity {metrics['perplexity']:.3f} (applied, saved, loaded)")
-        del compressed
+        console.print(f"  searched @ {label}: {searched_bytes / 2**20:.2f} MiB, perplexity {measured['ppl']:.3f}")
+        if size in args.apply_sizes:
+            # The real thing once: apply, save, load, evaluate; it must equal the measured row.
+            applied = apply_run(ApplyConfig(run_size, out=run_size / "model", overwrite=True, progress=False))
+            compressed, _ = load_compressed(applied.out)
+            metrics = evaluate(compressed, eval_tokens, reference)
+            record(Row(f"searched, applied and loaded @ {label}", "searched (applied)", stored_bytes(compressed),
+                       metrics["perplexity"], metrics["kl"], eval_tokens.numel(), size=label))
+            console.print(f"  searched @ {label}, applied, saved and loaded: {stored_bytes(compressed) / 2**20:.2f} "
+                          f"MiB, perplexity {metrics['perplexity']:.3f}")
+            del compressed
         for source in ("knapsack", "greedy"):
-            trial = next((t for t in result.trials if t.source == source or source in t.source.split(",")), None)
-            if trial is None:
+            entry = result.baselines.get(source)  # equal baselines share one trial
+            if entry is None or entry.get("trial") is None:
                 continue
+            trial = result.trial(entry["trial"])
             schedule = to_schedule(context.slots, trial.choices, fingerprint)
             measured = on_eval.measure(trial.choices)
             record(Row(f"{source} @ {label}", source, MemoryModel.from_model(model).schedule_bytes(schedule),
@@ -372,6 +383,8 @@ def main() -> None:
     parser.add_argument("--calibration", choices=["curated", "first"], default="curated")
     parser.add_argument("--out", default="bench_out/frontier")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--apply-sizes", default="30", help="sizes whose searched schedule is also applied, saved, "
+                                                            "loaded and evaluated as a model directory (default 30)")
     parser.add_argument("--part", choices=["all", "baselines", "search", "table"], default="all",
                         help="run one part (two processes with --threads 1 use both cores of a small machine), "
                              "or only print the table of what is measured")
@@ -381,6 +394,7 @@ def main() -> None:
     out = args_out(args)
     out.mkdir(parents=True, exist_ok=True)
     sizes = [float(s) for s in args.sizes.split(",")]
+    args.apply_sizes = [float(s) for s in args.apply_sizes.split(",") if s]
     started = time.perf_counter()
     run = out / "run"
 
@@ -411,7 +425,7 @@ def main() -> None:
 
 def competitors(rows: dict[str, Row], limit: float) -> list[Row]:
     """Baselines (uniform and llama.cpp recipes, grid-aligned ones left out) of at most ``limit`` bytes."""
-    return [r for r in rows.values() if r.family not in ("original", "searched", "knapsack", "greedy")
+    return [r for r in rows.values() if r.family not in ("original", "searched", "searched (applied)", "knapsack", "greedy")
             and not r.aligned and r.bytes <= limit]
 
 
@@ -439,7 +453,8 @@ def print_tables(rows: dict[str, Row], sizes: list[float], full: int) -> dict:
         for column in ("model", "MiB", "perplexity", "KL", "vs searched"):
             table.add_column(column, justify="right" if column != "model" else "left")
         ours = rows.get(f"searched @ {label}")
-        shown = [r for r in (ours, rows.get(f"knapsack @ {label}"), rows.get(f"greedy @ {label}")) if r is not None]
+        shown = [r for r in (ours, rows.get(f"searched, applied and loaded @ {label}"), rows.get(f"knapsack @ {label}"),
+                             rows.get(f"greedy @ {label}")) if r is not None]
         fitting = sorted(competitors(rows, limit), key=lambda r: (r.ppl is None, r.ppl or r.screen_ppl or 0))
         aligned = [r for r in rows.values() if r.aligned and r.bytes <= limit]
         for row in shown + fitting[:8] + aligned:
@@ -450,7 +465,7 @@ def print_tables(rows: dict[str, Row], sizes: list[float], full: int) -> dict:
             table.add_row(name, f"{row.mib:.1f}", f"{value:.3f}{note}" if value else "-",
                           f"{row.kl:.4f}" if row.kl is not None else "-", ratio)
         console.print(table)
-        measured = [r for r in fitting if r.ppl is not None] + [r for r in shown if r is not ours]
+        measured = [r for r in fitting if r.ppl is not None] + [r for r in shown if r.family in ("knapsack", "greedy")]
         best = min(measured, key=lambda r: r.ppl, default=None)
         uniform = [r for r in fitting if r.ppl is not None]
         best_uniform = min(uniform, key=lambda r: r.ppl, default=None)

@@ -126,7 +126,14 @@ def _chosen_kl(choice: Choice, kl: dict[str, float]) -> float | None:
     label = choice_label(choice)
     if label == "16-bit":
         return 0.0
-    values = [as_number(kl.get(part)) for part in label.split(" + ")]
+    values = []
+    for part in label.split(" + "):
+        # A quantization is labelled with its group size when the space offered several, and
+        # with ``embed:`` on the embedding unit.
+        group = "ch" if choice.group_size is None else choice.group_size
+        names = [part, f"{part}/g{group}", f"embed:{part}", f"embed:{part}/g{group}"] if part.startswith("bits=") \
+            else [part]
+        values.append(next((as_number(kl[n]) for n in names if n in kl), None))
     return None if any(v is None for v in values) else sum(values)
 
 
@@ -136,7 +143,7 @@ def schedule_info(schedule: Schedule, profile: Profile | None = None) -> Schedul
     ``average_bits`` weighs units by their parameter count when the profile knows it.
     """
     names = sorted(schedule.units, key=natural_key)
-    units = {u.name: u for u in profile.units} if profile else {}
+    units = {u.name: u for u in profile.units + profile.extra_units} if profile else {}
     info = ScheduleInfo(names, [], [], [], [], [], [], [], [], None)
     weighted, weights = 0.0, 0
     for name in names:
