@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..artifacts import fingerprint
-from ..compress.apply import DroppedBlock, compress_block
+from ..compress.apply import DroppedBlock, compress_block, needs_calibration
 from ..compress.calibrate import token_batch
 from ..errors import UserError
 from ..models import LoadedModel, adapter_for, model_fingerprint
@@ -202,7 +202,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     trace = trace_model(model, rows, batch_size=settings.batch_size, hook=hook)
     timings["trace"], cpu["trace"] = time.perf_counter() - tick, time.process_time() - cpu_tick
 
-    needs_stats = any(c.method.value == "gptq" or c.pattern.value != "none" for _, c in probes if not c.drop)
+    needs_stats = any(needs_calibration(c, {p: c for p in adapter.linears.values()}) for _, c in probes)
     calib_rows = calibration.rows if calibration is not None else rows
     stats_source = BlockStatsSource(model, calib_rows if needs_stats else None, settings.batch_size,
                                     [c for _, c in probes])
@@ -369,8 +369,8 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
             existing.check_matches(model_fp, data_fingerprint(stream.tokens, settings), space_fingerprint(space),
                                    path=path)
             recorded = existing.meta.get("calibration", {})
-            if recorded.get("mode") != settings.calibration or \
-                    recorded.get("rows", 0) * recorded.get("seq_len", 0) != settings.calib_tokens:
+            wanted = (settings.calibration, settings.calib_tokens // settings.calib_seq_len, settings.calib_seq_len)
+            if (recorded.get("mode"), recorded.get("rows"), recorded.get("seq_len")) != wanted:
                 raise UserError(f"{path} was made with other calibration rows ({recorded or 'none'})")
             load_calibration(out_dir, recorded.get("fingerprint"))
         except UserError as exc:

@@ -167,8 +167,8 @@ def prepare(settings: SearchSettings, *, model=None, tokenizer=None, holdout=Non
     budget = Budget.parse(list(settings.budget), memory, cost, measure_latency=settings.measure_latency)
     base, tables = budget.cost.slot_costs(slots)
     budget.check_feasible(base, tables)
-    predictor = AdditivePredictor(slots, profile)
     check_space_measured(space, profile, profile_path)
+    predictor = AdditivePredictor(slots, profile)
     data = profile.data
     run_calibration = load_calibration(run, profile.meta.get("calibration", {}).get("fingerprint"))
     start = max(profile.calibration_tokens, run_calibration.span if run_calibration is not None else 0)

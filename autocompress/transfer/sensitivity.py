@@ -26,10 +26,15 @@ SPLIT = {part: fused for fused, parts in FUSED.items() for part in parts}
 
 
 def choice_labels(choice: Choice) -> list[str]:
-    """The probe labels whose KLs add up to ``choice`` (``bits=3``, ``2:4``, ``heads=0.25``, ``drop``)."""
+    """The probe labels whose KLs add up to ``choice`` (``bits=3/g128``, ``2:4``, ``heads=0.25``, ``drop``).
+
+    A profile of a space with one group size labels its widths without it (``bits=3``);
+    :meth:`LossTable.label_kl` falls back to that form.
+    """
     if choice.drop:
         return ["drop"]
-    labels = [f"bits={choice.bits}"] if choice.quantized else []
+    group = "ch" if choice.group_size is None else choice.group_size
+    labels = [f"bits={choice.bits}/g{group}"] if choice.quantized else []
     if choice.pattern is SparsityPattern.TWO_FOUR:
         labels.append("2:4")
     elif choice.pattern is SparsityPattern.UNSTRUCTURED:
@@ -39,6 +44,15 @@ def choice_labels(choice: Choice) -> list[str]:
     if choice.channel_ratio > 0:
         labels.append(f"channels={choice.channel_ratio:g}")
     return labels
+
+
+def label_bits(label: str) -> int:
+    """The bit width of ``bits=3`` or ``bits=3/g64``."""
+    return int(label[5:].split("/", 1)[0])
+
+
+def _group(label: str) -> str | None:
+    return label.split("/", 1)[1] if "/" in label else None
 
 
 def _end_weight(depth: float) -> float:
@@ -51,7 +65,7 @@ def prior_kl(label: str, coords: UnitCoordinates) -> float:
     kind, _, value = label.partition("=")
     size = coords.relative_size * _end_weight(coords.relative_depth)
     if kind == "bits":
-        return size * 256.0 * 4.0 ** (-int(value))  # uniform quantization noise power ~ 4^-bits; 1 at 4 bits
+        return size * 256.0 * 4.0 ** (-label_bits(label))  # quantization noise power ~ 4^-bits; 1 at 4 bits
     if kind == "sparsity":
         return size * 4.0 * float(value)
     if label == "2:4":
@@ -92,10 +106,14 @@ class LossTable:
         """KL of ``label`` on ``unit``: known, else interpolated over bits, else the scaled prior."""
         known = self.kl.get(unit, {})
         value = known.get(label)
+        if value is None and "/" in label:  # a profile of a one-group-size space: ``bits=3``
+            value = known.get(label.split("/", 1)[0])
         if value is not None and math.isfinite(value):
             return max(value, 0.0)
         if label.startswith("bits="):
-            estimate = _bits_estimate(known, int(label[5:]))
+            group = _group(label)
+            estimate = _bits_estimate({k: v for k, v in known.items() if _group(k) in (None, group)},
+                                      label_bits(label))
             if estimate is not None:
                 return estimate
         return self.scale() * self.prior_weight.get(unit, 1.0) * prior_kl(label, self.coordinates[unit])
@@ -107,7 +125,7 @@ class LossTable:
 
 def _bits_estimate(known: dict[str, float], bits: int) -> float | None:
     # log KL is close to linear in bits (about x4 per bit); fit through the nearest measured widths.
-    points = sorted((int(k[5:]), math.log(v)) for k, v in known.items()
+    points = sorted((label_bits(k), math.log(v)) for k, v in known.items()
                     if k.startswith("bits=") and v is not None and v > 0 and math.isfinite(v))
     if not points:
         return None
