@@ -53,7 +53,7 @@ from autocompress.compress.quantize import quantize_rtn
 from autocompress.compress.saving import load_compressed
 from autocompress.data import Split, load_tokens
 from autocompress.evaluate import stream_metrics
-from autocompress.models import adapter_for, load_model, model_fingerprint
+from autocompress.models import LoadedModel, adapter_for, load_model, model_fingerprint
 from autocompress.profile.run import ProfileSettings, profile_run
 from autocompress.run_calibration import CALIBRATION_FILE, load_calibration
 from autocompress.schedule import Choice, QuantMethod, Schedule
@@ -183,7 +183,8 @@ def load_cache(path: Path, key: dict) -> dict[str, Row]:
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
-    if data.get("key") != key:
+    stored = data.get("key", {})
+    if any(stored.get(name) != value for name, value in key.items()):
         return {}
     return {name: Row(**row) for name, row in data["rows"].items()}
 
@@ -275,6 +276,7 @@ def run_baselines(args, model, tokenizer, reference, eval_tokens, run: Path, cac
         record(row)
         console.print(f"  {row.name}: {row.mib:.1f} MiB, screened perplexity {metrics['perplexity']:.3f}")
     if not args.screen_tokens:
+        (args_out(args) / "baselines.done").touch()
         return
     for row, spec, table in plans:
         current = rows.get(row.name)
@@ -289,6 +291,7 @@ def run_baselines(args, model, tokenizer, reference, eval_tokens, run: Path, cac
         current.ppl, current.kl, current.tokens = metrics["perplexity"], metrics["kl"], eval_tokens.numel()
         record(current)
         console.print(f"  {current.name}: perplexity {current.ppl:.3f} on {current.tokens} tokens")
+    (args_out(args) / "baselines.done").touch()
 
 
 def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cache: Path, key: dict,
@@ -306,8 +309,22 @@ def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cach
     settings = ProfileSettings(tokens=args.profile_tokens, seq_len=256, roles=False, proxies=False, additivity=False,
                                calib_tokens=args.calib_tokens, calibration=args.calibration)
     tick = time.perf_counter()
-    outcome = profile_run(args.model, run, data=args.data, space=args.space, settings=settings)
-    console.print(f"profile: {'reused' if outcome.reused else f'{time.perf_counter() - tick:.0f} s'}")
+    store: dict = {}  # the profile's per-block statistics and GPTQ codes, reused by the searches
+    if (run / "profile.json").exists():
+        outcome = profile_run(args.model, run, data=args.data, space=args.space, settings=settings)
+    else:
+        from autocompress.profile.run import choose_calibration, profile_model  # noqa: PLC0415
+        from autocompress.run_calibration import save_calibration  # noqa: PLC0415
+        from autocompress.search.space import load_space  # noqa: PLC0415
+
+        loaded = LoadedModel(model, tokenizer, args.model, "alias")
+        calibration = choose_calibration(loaded, args.data, settings)
+        save_calibration(run, calibration)
+        stream = load_tokens(args.data, tokenizer, Split.CALIBRATION, settings.tokens)
+        profile = profile_model(loaded, stream, load_space(args.space), settings, model_name=args.model,
+                                data_name=args.data, calibration=calibration, stats_store=store)
+        profile.save(run / "profile.json")
+    console.print(f"profile: {time.perf_counter() - tick:.0f} s")
     evaluator, on_eval = None, None
     fingerprint = model_fingerprint(model)
     for size in sizes:
@@ -323,8 +340,11 @@ def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cach
         settings_search = SearchSettings(str(run_size), (f"memory={size:g}%",), trials=args.trials,
                                          space=args.space, progress=False)
         context = prepare(settings_search, model=model, tokenizer=tokenizer)
+        if (args_out(args) / "baselines.done").exists():
+            torch.set_num_threads(2)  # the other part has finished: both cores are ours
         if evaluator is None:
             evaluator = context.evaluator
+            evaluator.reuse_stats(store)
             # The same compressed blocks, measured on the evaluation windows: what apply would ship.
             on_eval = SwapEvaluator(model, context.slots, windows(eval_tokens, 512), context.calibration)
             on_eval.cache, on_eval._stats = evaluator.cache, evaluator._stats
@@ -401,20 +421,21 @@ def main() -> None:
     loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     full = dense_bytes(model)
+    # The baselines depend on the evaluation and the calibration rows only; the searches also on the space.
     key = {"model": model_fingerprint(model), "eval_tokens": args.eval_tokens, "screen": args.screen_tokens,
-           "calib_tokens": args.calib_tokens, "calibration": args.calibration, "space": args.space,
-           "trials": args.trials, "profile_tokens": args.profile_tokens}
+           "calib_tokens": args.calib_tokens, "calibration": args.calibration}
+    search_key = {**key, "space": args.space, "trials": args.trials, "profile_tokens": args.profile_tokens}
     if args.part != "table":
         reference = copy.deepcopy(model)
         eval_tokens = load_tokens(args.data, tokenizer, Split.EVALUATION, args.eval_tokens).tokens
         if args.part in ("all", "baselines"):
             run_baselines(args, model, tokenizer, reference, eval_tokens, run, out / "baselines.json", key, sizes)
         if args.part in ("all", "search"):
-            run_searches(args, model, tokenizer, reference, eval_tokens, run, out / "search.json", key, sizes)
-    rows = {**load_cache(out / "baselines.json", key), **load_cache(out / "search.json", key)}
+            run_searches(args, model, tokenizer, reference, eval_tokens, run, out / "search.json", search_key, sizes)
+    rows = {**load_cache(out / "baselines.json", key), **load_cache(out / "search.json", search_key)}
     verdicts = print_tables(rows, sizes, full)
     merged = out / "frontier.json"
-    save_cache(merged, key, rows, {"verdicts": verdicts, "full_bytes": full})
+    save_cache(merged, search_key, rows, {"verdicts": verdicts, "full_bytes": full})
     for size in sizes:
         run_size = out / f"size-{size:g}"
         if run_size.is_dir():

@@ -147,8 +147,9 @@ def _role_states(loaded: LoadedModel, trace: Trace, tokens: torch.Tensor, settin
 class BlockStatsSource:
     """Each block's statistics on the original model's activations over calibration rows, one block at a time."""
 
-    def __init__(self, model: nn.Module, rows: torch.Tensor | None, batch_size: int, choices=()):
+    def __init__(self, model: nn.Module, rows: torch.Tensor | None, batch_size: int, choices=(), store=None):
         self.model, self.batch_size, self.choices = model, batch_size, list(choices)
+        self.store = store  # keeps every block's statistics (and GPTQ codes) when given
         self.trace = trace_model(model, rows, batch_size=batch_size, reference=False) if rows is not None else None
         self.current: tuple[int, dict] | None = None
 
@@ -163,13 +164,15 @@ class BlockStatsSource:
             stats = block_stats(block, self.model, self.trace.block_inputs(index), batch_size=self.batch_size)
             precompute_gptq(block, self.model, stats, self.choices)
             self.current = (index, stats)
+            if self.store is not None:
+                self.store[index] = stats
         return self.current[1]
 
 
 @torch.no_grad()
 def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: ProfileSettings = ProfileSettings(), *,
                   model_name: str | None = None, data_name: str | None = None,
-                  model_fp: str | None = None, calibration=None) -> Profile:
+                  model_fp: str | None = None, calibration=None, stats_store: dict | None = None) -> Profile:
     """Profile ``loaded.model`` on the calibration ``stream`` under ``space``.
 
     ``stream`` is a :class:`~autocompress.data.TokenStream` or a 1-D LongTensor. For every
@@ -179,6 +182,8 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     correlations, the additivity check per bit width and the linguistic roles of every block.
     ``calibration`` (a :class:`~autocompress.run_calibration.CalibrationSet`) supplies the
     GPTQ Hessians and Wanda norms; without it they come from the measured rows themselves.
+    ``stats_store`` (a dict) receives every block's statistics and GPTQ codes, for a search in
+    the same process to reuse (``SwapEvaluator.reuse_stats``) instead of computing them again.
     The model is left as it was.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -205,7 +210,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     needs_stats = any(needs_calibration(c, {p: c for p in adapter.linears.values()}) for _, c in probes)
     calib_rows = calibration.rows if calibration is not None else rows
     stats_source = BlockStatsSource(model, calib_rows if needs_stats else None, settings.batch_size,
-                                    [c for _, c in probes])
+                                    [c for _, c in probes], stats_store)
 
     squared = {}
     if settings.proxies:

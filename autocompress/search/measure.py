@@ -83,6 +83,11 @@ class SwapEvaluator:
                 inputs = inputs.with_hidden(run_block(block, inputs, batch_size=self.batch_size))
         return self._inputs[index]
 
+    def reuse_stats(self, store: dict[int, dict]) -> None:
+        """Take blocks' statistics and GPTQ codes computed elsewhere on the same calibration rows
+        and the same original activations (a profile in this process: ``profile_model(stats_store=)``)."""
+        self._stats.update(store)
+
     def _block_stats(self, index: int) -> dict:
         """Block ``index``'s statistics on the original activations, computed once (see ``block_stats``)."""
         if index not in self._stats:
