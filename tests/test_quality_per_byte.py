@@ -565,13 +565,18 @@ def test_transfer_reads_a_profile_with_group_size_labels():
     assert table.loss("model.layers.1", choice) > 0
 
 
-def test_profile_run_reuses_rows_when_calib_tokens_is_not_a_multiple_of_the_row_length(tmp_path, tokenizer):
-    from autocompress.profile.run import ProfileSettings, profile_run
-
+def _saved_tiny_llama(tmp_path, tokenizer):
+    """A tiny llama saved as a model directory, and a one-choice Wanda space to profile it with."""
     model_dir = tmp_path / "m"
     tiny_model("llama").save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    space = space_from_dict({"name": "w", "bits": [16], "sparsity": [0.5]}, "t")
+    return model_dir, space_from_dict({"name": "w", "bits": [16], "sparsity": [0.5]}, "t")
+
+
+def test_profile_run_reuses_rows_when_calib_tokens_is_not_a_multiple_of_the_row_length(tmp_path, tokenizer):
+    from autocompress.profile.run import ProfileSettings, profile_run
+
+    model_dir, space = _saved_tiny_llama(tmp_path, tokenizer)
     settings = ProfileSettings(tokens=256, seq_len=64, roles=False, proxies=False, additivity=False, progress=False,
                                calib_tokens=200, calib_seq_len=128, calibration="first")
     assert not profile_run(str(model_dir), tmp_path / "run", space=space, settings=settings).reused
@@ -581,10 +586,7 @@ def test_profile_run_reuses_rows_when_calib_tokens_is_not_a_multiple_of_the_row_
 def test_profile_run_does_not_reuse_rows_of_another_length(tmp_path, tokenizer):
     from autocompress.profile.run import ProfileSettings, profile_run
 
-    model_dir = tmp_path / "m"
-    tiny_model("llama").save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    space = space_from_dict({"name": "w", "bits": [16], "sparsity": [0.5]}, "t")
+    model_dir, space = _saved_tiny_llama(tmp_path, tokenizer)
     settings = ProfileSettings(tokens=256, seq_len=64, roles=False, proxies=False, additivity=False, progress=False,
                                calib_tokens=256, calib_seq_len=128, calibration="first")
     profile_run(str(model_dir), tmp_path / "run", space=space, settings=settings)

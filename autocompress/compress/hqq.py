@@ -95,11 +95,15 @@ def _hqq_params(rows: torch.Tensor, bits: int, iterations: int, lp_norm: float, 
         zero = _to_fp16(q_mean - target_mean / scale)
         beta *= kappa
         error, q = _squared_error(rows, scale, zero, maxq)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
+        best_error, best_scale, best_zero = _keep_better(error, scale, zero, best_error, best_scale, best_zero)
     return best_scale.squeeze(1).to(SCALE_DTYPE), best_zero.squeeze(1).to(SCALE_DTYPE)
+
+
+def _keep_better(error, scale, zero, best_error, best_scale, best_zero):
+    """Per group, the (error, scale, zero) with the lower error."""
+    better = error < best_error
+    return (torch.where(better, error, best_error), torch.where(better, scale, best_scale),
+            torch.where(better, zero, best_zero))
 
 
 def _mse_params(rows: torch.Tensor, bits: int, grid: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +116,7 @@ def _mse_params(rows: torch.Tensor, bits: int, grid: tuple[float, ...]) -> tuple
         # group_params of the two-column [low, high] * factor is RTN's for that clipped range.
         scale, zero = _as_fp32(group_params(torch.stack([low * factor, high * factor], dim=1), bits))
         error, _ = _squared_error(rows, scale, zero, maxq)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
+        best_error, best_scale, best_zero = _keep_better(error, scale, zero, best_error, best_scale, best_zero)
     return best_scale.squeeze(1).to(SCALE_DTYPE), best_zero.squeeze(1).to(SCALE_DTYPE)
 
 
