@@ -298,7 +298,6 @@ def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cach
                  sizes: list[float]) -> None:
     """Profile once, then per size: search, apply, save, load and evaluate; knapsack and greedy too."""
     from autocompress.evaluate import windows  # noqa: PLC0415
-    from autocompress.search.measure import SwapEvaluator  # noqa: PLC0415
 
     rows = load_cache(cache, key)
 
@@ -346,8 +345,7 @@ def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cach
             evaluator = context.evaluator
             evaluator.reuse_stats(store)
             # The same compressed blocks, measured on the evaluation windows: what apply would ship.
-            on_eval = SwapEvaluator(model, context.slots, windows(eval_tokens, 512), context.calibration)
-            on_eval.cache, on_eval._stats = evaluator.cache, evaluator._stats
+            on_eval = evaluator.on(windows(eval_tokens, 512))
         tick = time.perf_counter()
         result = search(settings_search, model=model, tokenizer=tokenizer, evaluator=evaluator)
         console.print(f"search at {label}: {time.perf_counter() - tick:.0f} s, best trial {result.best} "

@@ -21,7 +21,7 @@ from .gptq import gptq_quantize, gptq_quantize_many, quantize_observed
 from .prune import (channel_scores, drop_blocks, head_group_scores, keep_top, kept_channels, kept_heads,
                     prune_channels, prune_heads, set_submodule, sparsity_mask, weight_scores)
 from .quant_embedding import quantize_embeddings_
-from .quantize import QuantLinear, quantize_rtn
+from .quantize import QuantLinear
 from .storage import round_to_storage
 
 
@@ -115,38 +115,40 @@ def compress_linear(module: nn.Linear, choice: Choice, stats: LinearStats | None
     if choice.method is QuantMethod.GPTQ:
         if stats is None or stats.hessian is None:
             raise ValueError("GPTQ needs the layer's Hessian from calibration")
-        key = _memo_key(choice, module.weight.shape)
+        key = _memo_key(choice.bits, choice.group_size, choice.act_order, choice.observer, module.weight.shape)
         q = stats.memo.get(key) if mask is None else None
         if q is None and mask is None and choice.act_order:
             q = gptq_quantize_many(module.weight, stats.hessian, [(choice.bits, choice.group_size)],
                                    observer=choice.observer.value)[0]
-            stats.memo[key] = q
         elif q is None:
             q = gptq_quantize(module.weight, stats.hessian, choice.bits, choice.group_size,
                               act_order=choice.act_order, mask=mask)
-            if mask is None:
-                stats.memo[key] = q
-    elif choice.observer is Observer.MINMAX or mask is not None:
-        q = quantize_rtn(module.weight, choice.bits, choice.group_size, mask)
+        if mask is None:
+            stats.memo[key] = q
     else:
-        q = quantize_observed(module.weight, choice.bits, choice.group_size, choice.observer.value)
+        q = quantize_observed(module.weight, choice.bits, choice.group_size, choice.observer.value, mask)
     return QuantLinear.from_quantized(q, module.bias)
 
 
-def block_stats(block: nn.Module, model: nn.Module, inputs: BlockInputs, *, batch_size: int = 8) -> dict[str, LinearStats]:
+def block_stats(block: nn.Module, model: nn.Module, inputs: BlockInputs, *, batch_size: int = 8,
+                choices=()) -> dict[str, LinearStats]:
     """Every linear's input statistics (Wanda norms and GPTQ Hessians) on the *unchanged* block.
 
     Computed once per block and handed to :func:`compress_block_` as ``stats``, they make every
     choice of the block a pure function of the original weights and these inputs: the profile,
     the search's trials and ``apply`` then produce the very same codes for the same choice.
+    The act-order GPTQ codes of ``choices`` are computed up front, in one stacked pass per
+    linear (:func:`precompute_gptq`).
     """
     adapter = adapter_for(model)
     modules = {path: block.get_submodule(path) for path in adapter.linears.values()}
-    return collect_stats(block, inputs, modules, set(modules), batch_size=batch_size)
+    stats = collect_stats(block, inputs, modules, set(modules), batch_size=batch_size)
+    precompute_gptq(block, model, stats, choices)
+    return stats
 
 
-def _memo_key(choice: Choice, shape) -> tuple:
-    return (choice.bits, choice.group_size, choice.act_order, choice.observer, tuple(shape))
+def _memo_key(bits: int, group_size: int | None, act_order: bool, observer: Observer, shape) -> tuple:
+    return (bits, group_size, act_order, observer, tuple(shape))
 
 
 @torch.no_grad()
@@ -157,15 +159,14 @@ def precompute_gptq(block: nn.Module, model: nn.Module, stats: dict[str, LinearS
               if c.quantized and c.method is QuantMethod.GPTQ and c.act_order}
     for observer in sorted({o for o, _, _ in wanted}, key=str):
         grids = sorted({(b, g) for o, b, g in wanted if o is observer}, key=str)
-        key = lambda grid, shape: _memo_key(Choice(bits=grid[0], group_size=grid[1], method=QuantMethod.GPTQ,  # noqa: E731
-                                                   act_order=True, observer=observer), shape)
         for path in adapter_for(model).linears.values():
             weight, linear_stats = block.get_submodule(path).weight, stats[path]
-            todo = [grid for grid in grids if key(grid, weight.shape) not in linear_stats.memo]
+            todo = [(b, g) for b, g in grids if _memo_key(b, g, True, observer, weight.shape) not in linear_stats.memo]
             if not todo or linear_stats.hessian is None:
                 continue
-            for grid, q in zip(todo, gptq_quantize_many(weight, linear_stats.hessian, todo, observer=observer.value)):
-                linear_stats.memo[key(grid, weight.shape)] = q
+            for (bits, group), q in zip(todo, gptq_quantize_many(weight, linear_stats.hessian, todo,
+                                                                 observer=observer.value)):
+                linear_stats.memo[_memo_key(bits, group, True, observer, weight.shape)] = q
 
 
 @torch.no_grad()

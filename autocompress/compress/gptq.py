@@ -22,7 +22,7 @@ import torch
 from autocompress.kernels import packing
 
 from .quantize import (SCALE_DTYPE, QuantizedWeight, dequantize_codes, effective_group_size, group_params,
-                       quantize_codes)
+                       quantize_codes, quantize_rtn)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -116,16 +116,26 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 OBSERVERS = ("minmax", "mse", "hqq", "best")
 
 
+def _per_column(scales: torch.Tensor, zeros: torch.Tensor, g: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 scales and zeros [N, K]: each group's parameters repeated over its columns."""
+    group_of = torch.arange(k, device=scales.device) // g
+    return scales.float()[:, group_of], zeros.float()[:, group_of]
+
+
+def _round(weight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Float codes ``clamp(round(w / s + z))`` for per-column ``s``, ``z`` (fractional zeros work)."""
+    return torch.clamp(torch.round(weight / s + z), 0, (1 << bits) - 1)
+
+
 def group_errors(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, g: int,
                  importance: torch.Tensor | None = None) -> torch.Tensor:
     """Squared rounding error per (row, group) [N, groups], columns weighted by ``importance`` [K]."""
     n, k = weight.shape
-    group_of = torch.arange(k, device=weight.device) // g
-    s, z = scales.float()[:, group_of], zeros.float()[:, group_of]
-    q = torch.clamp(torch.round(weight / s + z), 0, (1 << bits) - 1)
-    error = (weight - (q - z) * s).square()
+    s, z = _per_column(scales, zeros, g, k)
+    error = (weight - (_round(weight, s, z, bits) - z) * s).square()
     if importance is not None:
         error = error * importance
+    group_of = torch.arange(k, device=weight.device) // g
     return torch.zeros(n, scales.shape[1], device=weight.device).index_add_(1, group_of, error)
 
 
@@ -144,18 +154,11 @@ def _observe(weight: torch.Tensor, bits: int, g: int, observer: str,
         scales = torch.stack([sc for sc, _ in candidates]).gather(0, pick).squeeze(0)
         zeros = torch.stack([zr for _, zr in candidates]).gather(0, pick).squeeze(0)
         return scales, zeros
-    if observer == "minmax":
-        n, k = weight.shape
-        groups = packing.num_groups(k, g)
-        scales = torch.empty(n, groups, dtype=SCALE_DTYPE, device=weight.device)
-        zeros = torch.empty_like(scales)
-        for index in range(groups):
-            cols = slice(index * g, min((index + 1) * g, k))
-            scales[:, index], zeros[:, index] = group_params(weight[:, cols], bits)
-        return scales, zeros
     from .hqq import quantize_hqq, quantize_mse  # noqa: PLC0415
 
-    if observer == "mse":
+    if observer == "minmax":
+        q = quantize_rtn(weight, bits, g)
+    elif observer == "mse":
         q = quantize_mse(weight, bits, g)
     elif observer == "hqq":
         q = quantize_hqq(weight, bits, g, optimize_scale=True)
@@ -181,20 +184,18 @@ def gptq_quantize_many(weight: torch.Tensor, hessian: torch.Tensor, grids: list[
     optimized zero and scale). Codes are ``round(w / s + z)``, so fractional zeros work.
     """
     n, k = weight.shape
-    w0 = weight.detach().float()
+    w0 = weight.detach().float().clone()
     h = hessian.detach().float().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    w0 = w0.clone()
     w0[:, dead] = 0.0
     metas, scale_cols, zero_cols, maxqs = [], [], [], []
     for bits, group_size in grids:
         g = effective_group_size(group_size, k)
-        groups = packing.num_groups(k, g)
         scales, zeros = _observe(w0, bits, g, observer, h.diagonal())
-        group_of = torch.arange(k, device=w0.device) // g
-        scale_cols.append(scales.float()[:, group_of])
-        zero_cols.append(zeros.float()[:, group_of])
+        s_cols, z_cols = _per_column(scales, zeros, g, k)
+        scale_cols.append(s_cols)
+        zero_cols.append(z_cols)
         maxqs.append(torch.full((n, 1), float((1 << bits) - 1), device=w0.device))
         metas.append((bits, g, scales, zeros))
     perm = torch.argsort(h.diagonal(), descending=True)
@@ -230,12 +231,18 @@ def gptq_quantize_many(weight: torch.Tensor, hessian: torch.Tensor, grids: list[
     return out
 
 
-def quantize_observed(weight: torch.Tensor, bits: int, group_size: int | None, observer: str) -> QuantizedWeight:
-    """Round-to-nearest with the groups' scale and zero set by ``observer`` (no Hessian: unweighted)."""
+def quantize_observed(weight: torch.Tensor, bits: int, group_size: int | None, observer: str = "minmax",
+                      mask: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest with the groups' scale and zero set by ``observer`` (no Hessian: unweighted).
+
+    ``minmax``, and any pruned weight (``mask``, True = pruned, kept exactly 0), take
+    :func:`~.quantize.quantize_rtn`'s path.
+    """
+    if observer == "minmax" or mask is not None:
+        return quantize_rtn(weight, bits, group_size, mask)
     k = weight.shape[1]
     g = effective_group_size(group_size, k)
     w = weight.detach().float()
     scales, zeros = _observe(w, bits, g, observer)
-    group_of = torch.arange(k, device=w.device) // g
-    codes = torch.clamp(torch.round(w / scales.float()[:, group_of] + zeros.float()[:, group_of]), 0, (1 << bits) - 1)
+    codes = _round(w, *_per_column(scales, zeros, g, k), bits)
     return QuantizedWeight(packing.pack(codes.to(torch.uint8), bits), scales, zeros, bits, g, k)

@@ -26,8 +26,9 @@ from autocompress.kernels import packing, reference
 
 from ..models import adapter_for
 from ..schedule import Choice, QuantMethod, SparsityPattern
+from .gptq import quantize_observed
 from .prune import set_submodule
-from .quantize import SCALE_DTYPE, QuantizedWeight, QuantLinear, quantize_rtn
+from .quantize import SCALE_DTYPE, QuantizedWeight, QuantLinear
 
 
 class QuantEmbedding(nn.Module):
@@ -180,25 +181,15 @@ def head_is_tied(model: nn.Module) -> bool:
 
 
 def quantize_weight_for(choice: Choice, weight: torch.Tensor) -> QuantizedWeight:
-    """Quantize a table or head weight [N, K] as ``choice`` says, without calibration data.
-
-    Round-to-nearest for ``rtn`` (and HQQ when the schedule names it and
-    :mod:`~.hqq` is present); GPTQ and sparsity need activations and are refused here.
-    """
+    """Quantize a table or head weight [N, K] as ``choice`` says, without calibration data:
+    round-to-nearest with the choice's observer; GPTQ and sparsity need activations and are
+    refused here."""
     if choice.pattern is not SparsityPattern.NONE:
         raise ValueError("an embedding or head weight is quantized without pruning here; use apply() to prune a head")
-    method = getattr(choice.method, "value", choice.method)
-    if method == "hqq":
-        from .hqq import quantize_hqq  # noqa: PLC0415
-
-        return quantize_hqq(weight, choice.bits, choice.group_size)
     if choice.method is not QuantMethod.RTN:
-        raise ValueError(f"method {method!r} needs calibration statistics; an embedding is quantized with 'rtn'")
-    if choice.observer.value != "minmax":
-        from .gptq import quantize_observed  # noqa: PLC0415
-
-        return quantize_observed(weight, choice.bits, choice.group_size, choice.observer.value)
-    return quantize_rtn(weight, choice.bits, choice.group_size)
+        raise ValueError(f"method {choice.method.value!r} needs calibration statistics; an embedding is quantized "
+                         f"with 'rtn'")
+    return quantize_observed(weight, choice.bits, choice.group_size, choice.observer.value)
 
 
 @torch.no_grad()

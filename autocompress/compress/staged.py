@@ -233,16 +233,38 @@ def _quality(model: nn.Module, teacher: nn.Module | None, tokens: torch.Tensor, 
     return Quality(m["perplexity"], m["loss"], m["kl"] if teacher is not None else 0.0)
 
 
-def _restore(model: nn.Module, saved_blocks: dict[int, nn.Module], head: tuple) -> None:
-    """Put back the blocks, the output head and the token embedding saved before a step (exact rollback)."""
+def _ends(model: nn.Module) -> tuple[nn.Module, bool, nn.Module]:
+    """The model's output head, its tie flag and its token embedding, as :func:`_restore` puts them back."""
+    adapter = adapter_for(model)
+    return (model.get_submodule(adapter.lm_head), model.config.tie_word_embeddings,
+            model.get_submodule(adapter.embeddings[0]))
+
+
+def _choose_step(state: dict, by_name: dict, weights: dict[str, float], bytes_before: int,
+                 config: StagedConfig) -> list:
+    """The next step's units: the pending ones in order, within ``step_fraction`` of the size
+    (all at once with ``one_shot``; one level at a time when gradual; the kept half of a
+    failed step when retrying)."""
+    pending = [by_name[n] for n in state["pending"]]
+    if state.get("levels"):  # one level per step: every unit moves together
+        pending = [u for u in pending if unit_level(u.name) == unit_level(pending[0].name)]
+    step = pending if config.one_shot else next_step(pending, weights, bytes_before, config.step_fraction)
+    if state.get("max_units"):  # retrying the more robust half of a failed step
+        step = step[: state["max_units"]]
+    return step
+
+
+def _restore(model: nn.Module, saved_blocks: dict[int, nn.Module], ends: tuple[nn.Module, bool, nn.Module]) -> None:
+    """Put back the blocks and the model's ends (output head, its tie flag, token embedding)
+    saved before a step (exact rollback)."""
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     for index, block in saved_blocks.items():
         blocks[index] = block
-    set_submodule(model, adapter.lm_head, head[0])
-    model.config.tie_word_embeddings = head[1]
-    if len(head) > 2:
-        set_submodule(model, adapter.embeddings[0], head[2])
+    head, tied, embedding = ends
+    set_submodule(model, adapter.lm_head, head)
+    model.config.tie_word_embeddings = tied
+    set_submodule(model, adapter.embeddings[0], embedding)
 
 
 def _save_all(saved: dict[int, nn.Module], blocks) -> None:
@@ -301,20 +323,7 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
     stat_rows = token_batch(calib, min(config.calib_seq_len, calib.numel()), config.calib_rows)
     train_rows = token_batch(calib, min(config.distill.seq_len, calib.numel()))
 
-    state = None
-    if state_path.exists() and config.restart:
-        state_path.unlink()
-        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
-    if state_path.exists():
-        if not config.resume:
-            raise UserError(f"{state_path} exists from an earlier staged run; pass --resume to continue it, "
-                            f"or --restart to start over")
-        state = _load_state(state_path)
-        if state["schedule"] != schedule_hash(schedule) or state["model"] != fingerprint:
-            raise UserError(f"{state_path} belongs to another schedule or model; pass --restart to start over")
-        if state.get("complete"):
-            raise UserError(f"{state_path} records a completed staged run; pass --restart to run it again")
-
+    state = _open_state(state_path, run_dir, schedule, fingerprint, config)
     if state is not None and state["steps"]:
         teacher = model
         student, _ = load_compressed(run_dir / CHECKPOINT)
@@ -328,22 +337,7 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
     student.eval()
 
     if state is None or not state["steps"]:
-        original = _quality(teacher, None, valid, config)
-        if profile is not None and (scores := profile_scores(profile, units)) is not None:
-            source = "profile"
-        else:
-            rows = token_batch(calib, min(128, calib.numel()), config.proxy_rows)
-            scores, source = proxy_scores(teacher, units, rows, fingerprint, config.batch_size), "proxy"
-        order = sorted((u.name for u in units), key=lambda n: (scores[n], n))
-        levels = gradual_levels(memory, [by_name[n] for n in order], fingerprint, config.step_fraction) \
-            if config.gradual and not config.one_shot else 0
-        state = {"schedule": schedule_hash(schedule), "model": fingerprint, "config": config.to_json(),
-                 "order": order, "order_source": source, "levels": levels,
-                 "scores": {n: (None if math.isinf(s) else s) for n, s in scores.items()},
-                 "original": {**_fmt(original), "bytes": memory.schedule_bytes(Schedule(fingerprint)),
-                              "parameters": memory.schedule_parameters(Schedule(fingerprint))},
-                 "steps": [], "accepted": [], "frozen": [], "pending": None, "dropped": [],
-                 "current": _fmt(original), "complete": False, "final": None}
+        state = _fresh_state(teacher, schedule, units, memory, calib, valid, config, profile, fingerprint)
         write_artifact(state_path, STAGED_TYPE, STAGED_VERSION, state)
     if bool(state.get("levels")) != (config.gradual and not config.one_shot):
         raise UserError(f"{state_path} was made {'with' if state.get('levels') else 'without'} --gradual; "
@@ -361,14 +355,9 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         tick = time.perf_counter()
         before = current
         accepted = [by_name[n] for n in state["accepted"]]
-        pending = [by_name[n] for n in state["pending"]]
         adapter_bytes = 2 * lora_parameters(student)  # kept LoRA adapters, stored in 16 bits
         bytes_before = memory.schedule_bytes(schedule_of(fingerprint, accepted)) + adapter_bytes
-        if state.get("levels"):  # one level per step: every unit moves together
-            pending = [u for u in pending if unit_level(u.name) == unit_level(pending[0].name)]
-        step = pending if config.one_shot else next_step(pending, weights, bytes_before, config.step_fraction)
-        if state.get("max_units"):  # retrying the more robust half of a failed step
-            step = step[: state["max_units"]]
+        step = _choose_step(state, by_name, weights, bytes_before, config)
         number = len(steps) + 1
         console.print(f"step {number}: {len(step)} unit(s), {', '.join(u.name for u in step[:4])}"
                       f"{' ...' if len(step) > 4 else ''}")
@@ -376,52 +365,15 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         blocks = adapter_for(student).blocks(student)
         step_blocks = {u.index for u in step if u.index is not None}
         saved = {i: copy.deepcopy(blocks[i]) for i in step_blocks}
-        head_name, embedding_name = adapter_for(student).lm_head, adapter_for(student).embeddings[0]
-        saved_head = (student.get_submodule(head_name), student.config.tie_word_embeddings,
-                      student.get_submodule(embedding_name))
-        faded = None
-        if config.fade:
-            fades = plan_fades(student, step, stat_rows, fingerprint, teacher, config.batch_size)
-            if fades:
-                _save_all(saved, blocks)  # distillation trains every block
-                with fading(student, fades) as set_alpha:
-                    result = distill(student, teacher, train_rows, config.distill, progress=config.progress,
-                                     before_step=lambda i, n: set_alpha(linear_ramp(i, n, config.fade_share)))
-                merge_lora(student, config.lora_merge)
-                faded = {**result.to_json(), "fade": True}
-        compress_step_(student, step, stat_rows, fingerprint, teacher, config.batch_size)
-        after = _quality(student, teacher, valid, config)
-        failures = config.gates.failures(before, after, original)
-        recovered, recovery = None, faded
-        if faded is not None:  # the fading distillation was this step's recovery; more only on a failed gate
-            recover = bool(failures) and config.recovery is not Recovery.NEVER
-        else:
-            recover = config.recovery is Recovery.ALWAYS or (config.recovery is Recovery.ON_FAILURE and bool(failures))
-        if recover:
-            _save_all(saved, blocks)
-            result = distill(student, teacher, train_rows, config.distill, progress=config.progress)
-            merge_lora(student, config.lora_merge)
-            recovery = {**result.to_json(), **({"fade_steps": faded["steps"]} if faded else {})}
-            recovered = _quality(student, teacher, valid, config)
-            failures = config.gates.failures(before, recovered, original)
+        saved_head = _ends(student)
+        after, recovered, recovery, failures = _compress_and_recover(
+            student, teacher, step, saved, stat_rows, train_rows, valid, config, fingerprint, before, original)
 
         frozen, settled = [], [u.name for u in step]
         if failures:
             _restore(student, saved, saved_head)
             gate = "rolled back"
-            if config.split_failed and len(step) > 1 and not config.one_shot:
-                # Find the offending units by halving: retry the more robust half first.
-                state["max_units"], settled = len(step) // 2, []
-                console.print(f"step {number}: gate failed ({'; '.join(failures)}); rolled back, "
-                              f"retrying {len(step) // 2} unit(s)")
-            else:
-                frozen = settled
-                state["frozen"] += frozen
-                state["max_units"] = None
-                # A gradual unit stays at its previous level: its later levels go too.
-                settled = settled + [n for n in state["pending"] if base_name(n) in {base_name(f) for f in frozen}]
-                console.print(f"step {number}: gate failed ({'; '.join(failures)}); rolled back, "
-                              f"froze {len(frozen)}")
+            frozen, settled = _after_failed_gate(state, step, failures, config, number)
         else:
             state["accepted"] += settled
             state["max_units"] = None
@@ -462,6 +414,102 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
     write_artifact(state_path, STAGED_TYPE, STAGED_VERSION, state)
     return StagedResult(student, applied, steps, list(state["frozen"]), original, current,
                         state["original"]["bytes"], final_bytes, time.perf_counter() - started)
+
+
+def _compress_and_recover(student: nn.Module, teacher: nn.Module, step: list, saved: dict[int, nn.Module],
+                          stat_rows: torch.Tensor, train_rows: torch.Tensor, valid: torch.Tensor, config: StagedConfig,
+                          fingerprint: str, before: Quality, original: Quality):
+    """Compress one step's units (faded out first with ``--fade``), check the gates, distill when
+    the recovery setting asks; returns (quality after, after recovery or None, the recovery's
+    record or None, the failed gates). Blocks distillation will train are added to ``saved``."""
+    blocks = adapter_for(student).blocks(student)
+    faded = None
+    if config.fade:
+        fades = plan_fades(student, step, stat_rows, fingerprint, teacher, config.batch_size)
+        if fades:
+            _save_all(saved, blocks)  # distillation trains every block
+            with fading(student, fades) as set_alpha:
+                result = distill(student, teacher, train_rows, config.distill, progress=config.progress,
+                                 before_step=lambda i, n: set_alpha(linear_ramp(i, n, config.fade_share)))
+            merge_lora(student, config.lora_merge)
+            faded = {**result.to_json(), "fade": True}
+    compress_step_(student, step, stat_rows, fingerprint, teacher, config.batch_size)
+    after = _quality(student, teacher, valid, config)
+    failures = config.gates.failures(before, after, original)
+    recovered, recovery = None, faded
+    if faded is not None:  # the fading distillation was this step's recovery; more only on a failed gate
+        recover = bool(failures) and config.recovery is not Recovery.NEVER
+    else:
+        recover = config.recovery is Recovery.ALWAYS or (config.recovery is Recovery.ON_FAILURE and bool(failures))
+    if recover:
+        _save_all(saved, blocks)
+        result = distill(student, teacher, train_rows, config.distill, progress=config.progress)
+        merge_lora(student, config.lora_merge)
+        recovery = {**result.to_json(), **({"fade_steps": faded["steps"]} if faded else {})}
+        recovered = _quality(student, teacher, valid, config)
+        failures = config.gates.failures(before, recovered, original)
+    return after, recovered, recovery, failures
+
+
+def _open_state(state_path: Path, run_dir: Path, schedule: Schedule, fingerprint: str,
+                config: StagedConfig) -> dict | None:
+    """The state of an earlier run to resume (None to start afresh; ``--restart`` clears it)."""
+    if state_path.exists() and config.restart:
+        state_path.unlink()
+        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
+    if not state_path.exists():
+        return None
+    if not config.resume:
+        raise UserError(f"{state_path} exists from an earlier staged run; pass --resume to continue it, "
+                        f"or --restart to start over")
+    state = _load_state(state_path)
+    if state["schedule"] != schedule_hash(schedule) or state["model"] != fingerprint:
+        raise UserError(f"{state_path} belongs to another schedule or model; pass --restart to start over")
+    if state.get("complete"):
+        raise UserError(f"{state_path} records a completed staged run; pass --restart to run it again")
+    return state
+
+
+def _fresh_state(teacher: nn.Module, schedule: Schedule, units: list, memory: MemoryModel, calib: torch.Tensor,
+                 valid: torch.Tensor, config: StagedConfig, profile, fingerprint: str) -> dict:
+    """A new run's state: the original's quality and size, and the units ordered most robust first."""
+    by_name = {u.name: u for u in units}
+    original = _quality(teacher, None, valid, config)
+    if profile is not None and (scores := profile_scores(profile, units)) is not None:
+        source = "profile"
+    else:
+        rows = token_batch(calib, min(128, calib.numel()), config.proxy_rows)
+        scores, source = proxy_scores(teacher, units, rows, fingerprint, config.batch_size), "proxy"
+    order = sorted((u.name for u in units), key=lambda n: (scores[n], n))
+    levels = gradual_levels(memory, [by_name[n] for n in order], fingerprint, config.step_fraction) \
+        if config.gradual and not config.one_shot else 0
+    return {"schedule": schedule_hash(schedule), "model": fingerprint, "config": config.to_json(),
+            "order": order, "order_source": source, "levels": levels,
+            "scores": {n: (None if math.isinf(s) else s) for n, s in scores.items()},
+            "original": {**_fmt(original), "bytes": memory.schedule_bytes(Schedule(fingerprint)),
+                         "parameters": memory.schedule_parameters(Schedule(fingerprint))},
+            "steps": [], "accepted": [], "frozen": [], "pending": None, "dropped": [],
+            "current": _fmt(original), "complete": False, "final": None}
+
+
+def _after_failed_gate(state: dict, step: list, failures: list[str], config: StagedConfig,
+                       number: int) -> tuple[list[str], list[str]]:
+    """(frozen, settled) unit names after a rolled-back step: retry the more robust half, or freeze
+    the step's units (a gradual unit's later levels with them); ``state`` is updated."""
+    settled = [u.name for u in step]
+    if config.split_failed and len(step) > 1 and not config.one_shot:
+        # Find the offending units by halving: retry the more robust half first.
+        state["max_units"] = len(step) // 2
+        console.print(f"step {number}: gate failed ({'; '.join(failures)}); rolled back, "
+                      f"retrying {len(step) // 2} unit(s)")
+        return [], []
+    frozen = settled
+    state["frozen"] += frozen
+    state["max_units"] = None
+    # A gradual unit stays at its previous level: its later levels go too.
+    settled = settled + [n for n in state["pending"] if base_name(n) in {base_name(f) for f in frozen}]
+    console.print(f"step {number}: gate failed ({'; '.join(failures)}); rolled back, froze {len(frozen)}")
+    return frozen, settled
 
 
 def _final_recovery(student: nn.Module, teacher: nn.Module, rows: torch.Tensor, valid: torch.Tensor,

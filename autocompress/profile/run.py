@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..errors import UserError
 from ..models import LoadedModel, adapter_for, model_fingerprint
 from ..progress import progress_bar
 from ..schedule import Choice
-from ..search.space import Granularity, SearchSpace
+from ..search.space import Granularity, SearchSpace, label_bits
 from .additivity import additivity_check
 from .artifact import Profile, UnitProfile
 from .proxies import (LinearInputNorms, block_influence, fisher_score, mean_token_norm, proxy_correlations,
@@ -155,18 +156,89 @@ class BlockStatsSource:
 
     def stats(self, index: int) -> dict | None:
         """The statistics of block ``index`` (None without calibration rows)."""
-        from ..compress.apply import block_stats, precompute_gptq  # noqa: PLC0415
+        from ..compress.apply import block_stats  # noqa: PLC0415
 
         if self.trace is None:
             return None
         if self.current is None or self.current[0] != index:
             block = adapter_for(self.model).blocks(self.model)[index]
-            stats = block_stats(block, self.model, self.trace.block_inputs(index), batch_size=self.batch_size)
-            precompute_gptq(block, self.model, stats, self.choices)
+            stats = block_stats(block, self.model, self.trace.block_inputs(index), batch_size=self.batch_size,
+                                choices=self.choices)
             self.current = (index, stats)
             if self.store is not None:
                 self.store[index] = stats
         return self.current[1]
+
+
+@contextmanager
+def _timed(stage: str, timings: dict[str, float], cpu: dict[str, float]):
+    """Record the wall and CPU seconds of the ``with`` body under ``stage``."""
+    tick, cpu_tick = time.perf_counter(), time.process_time()
+    yield
+    timings[stage], cpu[stage] = time.perf_counter() - tick, time.process_time() - cpu_tick
+
+
+def _measure_unit(trace: Trace, model: nn.Module, ref: UnitRef, probes, settings: ProfileSettings, stats,
+                  squared: dict, norms: LinearInputNorms, keep_for_additivity: dict, advance) -> UnitProfile:
+    """One unit's KL and loss change under every probe choice, with its proxies; the compressed
+    replacements at the additivity labels are kept in ``keep_for_additivity``."""
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    modules = _unit_modules(model, ref)
+    unit = UnitProfile(name=ref.name, block=ref.block, role=ref.role,
+                       relative_depth=ref.block / max(len(blocks) - 1, 1),
+                       parameters=sum(p.numel() for m in modules.values() for p in m.parameters()))
+    if ref.path is None:
+        unit.parameters = sum(p.numel() for p in blocks[ref.block].parameters())
+    if settings.proxies:
+        unit.proxies.update(_static_proxies(trace, ref, modules, norms))
+    for label, choice in probes:
+        kl, delta, changed = _measure_one(trace, model, ref, choice, stats)
+        unit.kl[label], unit.loss_delta[label] = kl, delta
+        if squared:
+            prefix = f"{adapter.blocks_path}.{ref.block}."
+            as_full = changed if isinstance(changed, DroppedBlock) else (
+                {prefix + p: m for p, m in changed.items()} if isinstance(changed, dict)
+                else {name: changed.get_submodule(name[len(prefix):]) for name in modules})
+            score = fisher_score(squared, modules, as_full)
+            if score is not None:
+                unit.proxies[f"fisher:{label}"] = score
+        if label in keep_for_additivity and settings.additivity:
+            if isinstance(changed, dict):
+                keep_for_additivity[label].setdefault(ref.block, {}).update(changed)
+            else:
+                keep_for_additivity[label][ref.block] = changed
+        advance()
+    return unit
+
+
+def _embedding_units(model: nn.Module, rows: torch.Tensor, space: SearchSpace,
+                     settings: ProfileSettings) -> list[UnitProfile]:
+    """The token embedding's (and an untied head's) measurements under the space's embedding choices."""
+    choices = space.embedding_choices()
+    from ..search.decisions import embedding_slots  # noqa: PLC0415
+    from .embedding import measure_embedding_units  # noqa: PLC0415
+
+    count = len(embedding_slots(space, model))
+    with progress_bar(f"measuring {count} embedding unit(s) x {len(choices)} choices", count * len(choices),
+                      settings.progress) as advance:
+        return measure_embedding_units(model, rows, space, batch_size=settings.batch_size, advance=advance)
+
+
+def _probe_roles(loaded: LoadedModel, trace: Trace, tokens: torch.Tensor, settings: ProfileSettings,
+                 units: list[UnitProfile], meta: dict) -> dict[str, list[float]]:
+    """Linguistic-role curves of every layer; each unit gets its block's roles (``meta["roles"]`` the details)."""
+    from .probes import probe_roles  # noqa: PLC0415 (scikit-learn is imported only when probing)
+
+    states, ids = _role_states(loaded, trace, tokens, settings)
+    roles = probe_roles(states, ids, loaded.tokenizer, seed=settings.seed)
+    data = roles.to_json()
+    meta["roles"] = data
+    curves = data["selectivity"]
+    for unit in units:
+        unit.roles = {task: v for task, values in curves.items() if (v := values[unit.block + 1]) is not None}
+        unit.dominant_role = roles.dominant[unit.block + 1]
+    return curves
 
 
 @torch.no_grad()
@@ -195,17 +267,15 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
         raise UserError(f"search space {space.name!r} leaves no unit of this model unfrozen")
     probes = space.probe_choices()
     adapter = adapter_for(model)
-    blocks = adapter.blocks(model)
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
 
-    tick, cpu_tick = time.perf_counter(), time.process_time()
     norms = LinearInputNorms()
-    linear_paths = list(adapter.linears.values())
-    hook = (lambda i, b: norms.hook_block(b, linear_paths, f"{adapter.blocks_path}.{i}")) \
-        if space.granularity is Granularity.LINEAR and settings.proxies else None
-    trace = trace_model(model, rows, batch_size=settings.batch_size, hook=hook)
-    timings["trace"], cpu["trace"] = time.perf_counter() - tick, time.process_time() - cpu_tick
+    with _timed("trace", timings, cpu):
+        linear_paths = list(adapter.linears.values())
+        hook = (lambda i, b: norms.hook_block(b, linear_paths, f"{adapter.blocks_path}.{i}")) \
+            if space.granularity is Granularity.LINEAR and settings.proxies else None
+        trace = trace_model(model, rows, batch_size=settings.batch_size, hook=hook)
 
     needs_stats = any(needs_calibration(c, {p: c for p in adapter.linears.values()}) for _, c in probes)
     calib_rows = calibration.rows if calibration is not None else rows
@@ -214,85 +284,35 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
 
     squared = {}
     if settings.proxies:
-        tick, cpu_tick = time.perf_counter(), time.process_time()
-        squared = squared_gradients(model, rows, rows=settings.fisher_rows)
-        timings["gradients"], cpu["gradients"] = time.perf_counter() - tick, time.process_time() - cpu_tick
+        with _timed("gradients", timings, cpu):
+            squared = squared_gradients(model, rows, rows=settings.fisher_rows)
 
-    units: list[UnitProfile] = []
     # One additivity check per bit width (at the space's first group size).
     keep_for_additivity: dict[str, dict[int, object]] = {label: {} for label, c in probes
                                                          if label.startswith("bits=") and c.group_size == space.group_size}
-    tick, cpu_tick = time.perf_counter(), time.process_time()
-    with progress_bar(f"measuring {len(refs)} units x {len(probes)} choices", len(refs) * len(probes),
-                      settings.progress) as advance:
-        for ref in refs:
-            modules = _unit_modules(model, ref)
-            unit = UnitProfile(name=ref.name, block=ref.block, role=ref.role,
-                               relative_depth=ref.block / max(len(blocks) - 1, 1),
-                               parameters=sum(p.numel() for m in modules.values() for p in m.parameters()))
-            if ref.path is None:
-                unit.parameters = sum(p.numel() for p in blocks[ref.block].parameters())
-            if settings.proxies:
-                unit.proxies.update(_static_proxies(trace, ref, modules, norms))
-            for label, choice in probes:
-                kl, delta, changed = _measure_one(trace, model, ref, choice, stats_source.stats(ref.block))
-                unit.kl[label], unit.loss_delta[label] = kl, delta
-                if squared:
-                    prefix = f"{adapter.blocks_path}.{ref.block}."
-                    as_full = changed if isinstance(changed, DroppedBlock) else (
-                        {prefix + p: m for p, m in changed.items()} if isinstance(changed, dict)
-                        else {name: changed.get_submodule(name[len(prefix):]) for name in modules})
-                    score = fisher_score(squared, modules, as_full)
-                    if score is not None:
-                        unit.proxies[f"fisher:{label}"] = score
-                if label in keep_for_additivity and settings.additivity:
-                    if isinstance(changed, dict):
-                        keep_for_additivity[label].setdefault(ref.block, {}).update(changed)
-                    else:
-                        keep_for_additivity[label][ref.block] = changed
-                advance()
-            units.append(unit)
-    timings["measure"], cpu["measure"] = time.perf_counter() - tick, time.process_time() - cpu_tick
+    with _timed("measure", timings, cpu), progress_bar(f"measuring {len(refs)} units x {len(probes)} choices",
+                                                       len(refs) * len(probes), settings.progress) as advance:
+        units = [_measure_unit(trace, model, ref, probes, settings, stats_source.stats(ref.block), squared, norms,
+                               keep_for_additivity, advance) for ref in refs]
     del squared
-    embedding_choices = space.embedding_choices()
     extra_units = []
-    if embedding_choices:
-        from ..search.decisions import embedding_slots  # noqa: PLC0415
-        from .embedding import measure_embedding_units  # noqa: PLC0415
-
-        tick, cpu_tick = time.perf_counter(), time.process_time()
-        count = len(embedding_slots(space, model))
-        with progress_bar(f"measuring {count} embedding unit(s) x {len(embedding_choices)} choices",
-                          count * len(embedding_choices), settings.progress) as advance:
-            extra_units = measure_embedding_units(model, rows, space, batch_size=settings.batch_size,
-                                                  advance=advance)
-        timings["embedding"], cpu["embedding"] = time.perf_counter() - tick, time.process_time() - cpu_tick
+    if space.embedding_choices():
+        with _timed("embedding", timings, cpu):
+            extra_units = _embedding_units(model, rows, space, settings)
 
     additivity = []
     if settings.additivity:
-        tick, cpu_tick = time.perf_counter(), time.process_time()
-        for label, replacements in keep_for_additivity.items():
-            additivity.append(additivity_check(trace, units, label_bits(label), replacements, label))
-        timings["additivity"], cpu["additivity"] = time.perf_counter() - tick, time.process_time() - cpu_tick
+        with _timed("additivity", timings, cpu):
+            additivity = [additivity_check(trace, units, label_bits(label), replacements, label)
+                          for label, replacements in keep_for_additivity.items()]
     del keep_for_additivity
 
     role_curves: dict[str, list[float]] = {}
     meta: dict = {"seq_len": settings.seq_len, "rows": rows.shape[0], "threads": torch.get_num_threads(),
                   "space_source": space.source}
     if settings.roles:
-        from .probes import probe_roles  # noqa: PLC0415 (scikit-learn is imported only when probing)
-
-        tick, cpu_tick = time.perf_counter(), time.process_time()
-        states, ids = _role_states(loaded, trace, tokens, settings)
-        roles = probe_roles(states, ids, loaded.tokenizer, seed=settings.seed)
-        data = roles.to_json()
-        role_curves = data["selectivity"]
-        meta["roles"] = data
-        for unit in units:
-            unit.roles = {task: v for task, values in role_curves.items()
-                          if (v := values[unit.block + 1]) is not None}
-            unit.dominant_role = roles.dominant[unit.block + 1]
-        timings["roles"], cpu["roles"] = time.perf_counter() - tick, time.process_time() - cpu_tick
+        with _timed("roles", timings, cpu):
+            role_curves = _probe_roles(loaded, trace, tokens, settings, units, meta)
     meta["timings"], meta["cpu_timings"] = timings, cpu
     meta["data_split"] = getattr(getattr(stream, "split", None), "value", None)
     if calibration is not None:
@@ -307,15 +327,10 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
         data_fingerprint=data_fingerprint(tokens, settings),
         space=space.name, space_fingerprint=space_fingerprint(space), granularity=space.granularity.value,
         calibration_tokens=rows.numel(), base_loss=trace.reference.loss,
-        choices={label: choice.to_json() for label, choice in probes + embedding_choices},
+        choices={label: choice.to_json() for label, choice in probes + space.embedding_choices()},
         units=units, additivity=additivity, extra_units=extra_units,
         proxy_spearman=proxy_correlations(units, [label for label, _ in probes]) if settings.proxies else {},
         role_curves=role_curves, seconds=time.perf_counter() - started, meta=meta)
-
-
-def label_bits(label: str) -> int:
-    """The bit width of a quantization label (``bits=4`` or ``bits=4/g64``)."""
-    return int(label.split("=", 1)[1].split("/", 1)[0])
 
 
 def _describe_stream(stream) -> str:
@@ -359,7 +374,6 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
     """
     from ..data import Split, load_tokens  # noqa: PLC0415
     from ..models import load_model  # noqa: PLC0415
-
     from ..run_calibration import load_calibration, save_calibration  # noqa: PLC0415
 
     space = resolve_space(space, granularity)
@@ -374,8 +388,8 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
             existing.check_matches(model_fp, data_fingerprint(stream.tokens, settings), space_fingerprint(space),
                                    path=path)
             recorded = existing.meta.get("calibration", {})
-            wanted = (settings.calibration, settings.calib_tokens // settings.calib_seq_len, settings.calib_seq_len)
-            if (recorded.get("mode"), recorded.get("rows"), recorded.get("seq_len")) != wanted:
+            expected = (settings.calibration, settings.calib_tokens // settings.calib_seq_len, settings.calib_seq_len)
+            if (recorded.get("mode"), recorded.get("rows"), recorded.get("seq_len")) != expected:
                 raise UserError(f"{path} was made with other calibration rows ({recorded or 'none'})")
             load_calibration(out_dir, recorded.get("fingerprint"))
         except UserError as exc:

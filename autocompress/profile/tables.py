@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from ..search.space import label_bits
 from .artifact import Profile
 
 
@@ -12,7 +13,7 @@ def ranking_label(profile: Profile) -> str:
     if "bits=3" in labels:
         return "bits=3"
     bits = [label for label in labels if label.startswith("bits=")]
-    return min(bits, key=lambda label: int(label.split("=")[1].split("/")[0])) if bits else labels[0]
+    return min(bits, key=label_bits) if bits else labels[0]
 
 
 def sensitivity_table(profile: Profile, count: int = 5, label: str | None = None) -> Table:

@@ -3,8 +3,8 @@
 Each (block, option) is compressed once, when a trial first needs it, with
 :func:`~autocompress.compress.apply.compress_block` (a compressed copy of the original
 block, calibrated by the block's statistics on the original activations, computed once per
-block, exactly as ``apply`` compresses it) and kept in a bounded cache. A trial puts the cached blocks into the model's
-``ModuleList``, runs one forward pass over the held-aside windows, and restores the original
+block, exactly as ``apply`` compresses it) and kept in a bounded cache. A trial puts the
+cached blocks into the model's ``ModuleList``, runs one forward pass over the held-aside windows, and restores the original
 blocks, so the model is never deep-copied and a trial costs one forward pass.
 
 The reference is the original model's next-token distribution on the same windows, computed
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compress.apply import block_stats, compress_block, needs_calibration, precompute_gptq
+from ..compress.apply import block_stats, compress_block, needs_calibration
 from ..compress.calibrate import BlockInputs, capture_block_inputs, run_block
 from ..compress.prune import set_submodule
 from ..compress.quant_embedding import embedding_replacements
@@ -83,6 +83,14 @@ class SwapEvaluator:
                 inputs = inputs.with_hidden(run_block(block, inputs, batch_size=self.batch_size))
         return self._inputs[index]
 
+    def on(self, holdout: torch.Tensor) -> SwapEvaluator:
+        """An evaluator of the same slots on other windows that shares this one's compressed
+        blocks, statistics and calibration inputs (e.g. the evaluation split, for what ships)."""
+        other = SwapEvaluator(self.model, self.slots, holdout, self.calibration, batch_size=self.batch_size,
+                              max_cached=self.max_cached)
+        other.cache, other._stats, other._inputs = self.cache, self._stats, self._inputs
+        return other
+
     def reuse_stats(self, store: dict[int, dict]) -> None:
         """Take blocks' statistics and GPTQ codes computed elsewhere on the same calibration rows
         and the same original activations (a profile in this process: ``profile_model(stats_store=)``)."""
@@ -91,11 +99,9 @@ class SwapEvaluator:
     def _block_stats(self, index: int) -> dict:
         """Block ``index``'s statistics on the original activations, computed once (see ``block_stats``)."""
         if index not in self._stats:
-            stats = block_stats(self.originals[index], self.model, self._block_inputs(index),
-                                batch_size=self.batch_size)
             choices = [option.choice for slot in self._slots_of_block.get(index, []) for option in slot.options]
-            precompute_gptq(self.originals[index], self.model, stats, choices)
-            self._stats[index] = stats
+            self._stats[index] = block_stats(self.originals[index], self.model, self._block_inputs(index),
+                                             batch_size=self.batch_size, choices=choices)
         return self._stats[index]
 
     def _plan(self, index: int, picks: dict[str, str]) -> tuple[Choice, dict[str, Choice]] | None:

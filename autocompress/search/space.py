@@ -40,6 +40,11 @@ from ..errors import UserError
 from ..schedule import ALLOWED_BITS, Choice, Observer, QuantMethod, SparsityPattern
 
 
+def label_bits(label: str) -> int:
+    """The bit width of a quantization label (``bits=4``, ``bits=4/g64``)."""
+    return int(label.split("=", 1)[1].split("/", 1)[0])
+
+
 class Granularity(str, Enum):
     """What a unit is: a whole decoder block or a single linear layer."""
 

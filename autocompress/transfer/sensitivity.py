@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..schedule import Choice, SparsityPattern
+from ..search.space import label_bits
 from .coordinates import BLOCK_ROLE, UnitCoordinates
 
 # Roles that are one fused linear in some families and several in others.
@@ -44,11 +45,6 @@ def choice_labels(choice: Choice) -> list[str]:
     if choice.channel_ratio > 0:
         labels.append(f"channels={choice.channel_ratio:g}")
     return labels
-
-
-def label_bits(label: str) -> int:
-    """The bit width of ``bits=3`` or ``bits=3/g64``."""
-    return int(label[5:].split("/", 1)[0])
 
 
 def _group(label: str) -> str | None:
