@@ -23,7 +23,9 @@ as many as needed, cut from the head of the stream:
    under the original model are added (hard cases).
 
 The rows come back in stream order. :func:`first_rows` is the plain first-N behaviour, and
-:func:`calibration_rows` dispatches on a :class:`CalibrationMode`.
+:func:`calibration_rows` dispatches on a :class:`CalibrationMode`. With the tokenizer's
+``bos`` id every row, and every candidate the model scores, starts with BOS (a row of
+``seq_len`` text tokens is then ``seq_len + 1`` ids); the n-gram profiles read text tokens only.
 
 Example::
 
@@ -42,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import with_bos
 from .errors import UserError
 
 HASH_BUCKETS = 1 << 12  # hashed n-gram features per window
@@ -62,7 +65,8 @@ class CalibrationMode(str, Enum):
 class CalibrationSelection:
     """What :func:`select_windows` chose, for callers that report on it.
 
-    ``rows`` [count, seq_len] are the chosen windows in stream order and ``indices`` their
+    ``rows`` [count, seq_len] are the chosen windows in stream order (BOS first when the
+    selection was given a ``bos`` id: [count, seq_len + 1]) and ``indices`` their
     window numbers (window ``i`` starts at token ``i * seq_len``). ``coverage`` and ``hard``
     split ``indices`` by why each window was taken. ``candidates`` is the size of the pool and
     ``losses`` [candidates] the original model's mean next-token loss per candidate (None
@@ -104,15 +108,16 @@ def candidate_windows(tokens: torch.Tensor, count: int, seq_len: int, pool_facto
     return stream[: windows * seq_len].reshape(windows, seq_len)
 
 
-def first_rows(tokens: torch.Tensor, count: int, seq_len: int) -> torch.Tensor:
-    """The first ``count`` non-overlapping windows of ``seq_len`` tokens, [count, seq_len].
+def first_rows(tokens: torch.Tensor, count: int, seq_len: int, bos: int | None = None) -> torch.Tensor:
+    """The first ``count`` non-overlapping windows of ``seq_len`` tokens, [count, seq_len]
+    (BOS first with a ``bos`` id: [count, seq_len + 1]).
 
     The behaviour before calibration data was chosen. Raises :class:`UserError` when the
     stream holds fewer than ``count`` windows.
     """
     stream = _stream(tokens)
     _check_sizes(stream.numel(), count, seq_len)
-    return stream[: count * seq_len].reshape(count, seq_len).clone()
+    return with_bos(stream[: count * seq_len].reshape(count, seq_len).clone(), bos)
 
 
 def ngram_profiles(windows: torch.Tensor, buckets: int = HASH_BUCKETS):
@@ -218,7 +223,7 @@ def hard_count(count: int, hard_share: float) -> int:
 
 def select_windows(tokens: torch.Tensor, count: int, seq_len: int, *, model: nn.Module | None = None,
                    pool_factor: int = 4, hard_share: float = 0.25, seed: int = 0,
-                   batch_size: int = 4) -> CalibrationSelection:
+                   batch_size: int = 4, bos: int | None = None) -> CalibrationSelection:
     """Choose ``count`` calibration windows of ``seq_len`` tokens, with the reasons.
 
     Same arguments as :func:`select_calibration`, which returns only the rows; this returns a
@@ -227,7 +232,7 @@ def select_windows(tokens: torch.Tensor, count: int, seq_len: int, *, model: nn.
     pool = candidate_windows(tokens, count, seq_len, pool_factor)
     n = pool.shape[0]
     n_hard = hard_count(count, hard_share) if model is not None else 0
-    losses = window_losses(model, pool, batch_size=batch_size) if n_hard > 0 else None
+    losses = window_losses(model, with_bos(pool, bos), batch_size=batch_size) if n_hard > 0 else None
     if n == count:
         coverage, hard = list(range(n)), []
     else:
@@ -240,14 +245,14 @@ def select_windows(tokens: torch.Tensor, count: int, seq_len: int, *, model: nn.
             hard = [i for i in order if i not in taken][:n_hard]
     indices = sorted(coverage + hard)
     return CalibrationSelection(
-        rows=pool[indices].clone(), indices=tuple(indices), coverage=tuple(sorted(coverage)),
+        rows=with_bos(pool[indices].clone(), bos), indices=tuple(indices), coverage=tuple(sorted(coverage)),
         hard=tuple(sorted(hard)), candidates=n, losses=losses,
     )
 
 
 def select_calibration(tokens: torch.Tensor, count: int, seq_len: int, *, model: nn.Module | None = None,
                        pool_factor: int = 4, hard_share: float = 0.25, seed: int = 0,
-                       batch_size: int = 4) -> torch.Tensor:
+                       batch_size: int = 4, bos: int | None = None) -> torch.Tensor:
     """``count`` calibration rows [count, seq_len] (LongTensor) chosen for coverage and difficulty.
 
     Candidates are the non-overlapping windows of the first ``pool_factor * count * seq_len``
@@ -257,26 +262,29 @@ def select_calibration(tokens: torch.Tensor, count: int, seq_len: int, *, model:
     count)`` more are the remaining candidates with the highest mean next-token loss under it
     (computed without gradients in batches of ``batch_size``); without one, ``n_hard`` is 0.
     Rows come back in stream order; the result depends only on the inputs and ``seed``.
+    With the tokenizer's ``bos`` id, the model scores candidates with BOS in front and every
+    row starts with it ([count, seq_len + 1]).
 
     Raises :class:`UserError` when the stream holds fewer than ``count`` windows.
     """
     return select_windows(tokens, count, seq_len, model=model, pool_factor=pool_factor,
-                          hard_share=hard_share, seed=seed, batch_size=batch_size).rows
+                          hard_share=hard_share, seed=seed, batch_size=batch_size, bos=bos).rows
 
 
 def calibration_rows(mode: CalibrationMode | str, tokens: torch.Tensor, count: int, seq_len: int,
-                     model: nn.Module | None = None, seed: int = 0) -> torch.Tensor:
+                     model: nn.Module | None = None, seed: int = 0, bos: int | None = None) -> torch.Tensor:
     """``count`` calibration rows [count, seq_len] taken as ``mode`` says: ``curated``
     (:func:`select_calibration`, with ``model`` for the hard windows) or ``first``
-    (:func:`first_rows`; ``model`` and ``seed`` are unused)."""
+    (:func:`first_rows`; ``model`` and ``seed`` are unused). With the tokenizer's ``bos`` id
+    every row starts with BOS ([count, seq_len + 1])."""
     try:
         mode = CalibrationMode(mode)
     except ValueError:
         known = ", ".join(m.value for m in CalibrationMode)
         raise UserError(f"unknown calibration mode {mode!r}; known: {known}") from None
     if mode is CalibrationMode.FIRST:
-        return first_rows(tokens, count, seq_len)
-    return select_calibration(tokens, count, seq_len, model=model, seed=seed)
+        return first_rows(tokens, count, seq_len, bos)
+    return select_calibration(tokens, count, seq_len, model=model, seed=seed, bos=bos)
 
 
 def pool_tokens(count: int, seq_len: int, mode: CalibrationMode | str = CalibrationMode.CURATED,

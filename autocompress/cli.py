@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Make a causal LM smaller and faster under a budget. MODEL is a hub id, a local directory, "
         "a .gguf file or the alias smollm2-135m; DATA is a .txt/.jsonl file, a dataset, or stdlib-docs."))
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
-    for verb in VERBS:
+    for verb in (*VERBS, "serve"):
         name = f"autocompress.commands.{verb}"
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(verbs)

@@ -12,6 +12,16 @@ A data spec is one of:
 
 Documents are assigned to the calibration or the evaluation split by a hash of their text,
 so the two never overlap and the assignment does not depend on the order they were read in.
+
+Streams hold text tokens only. A *window* of W tokens is W consecutive tokens of a stream;
+when the tokenizer puts a BOS token before the text it encodes (Llama 3, Gemma: see
+:func:`bos_id`), every window fed to the model starts with it, as the model's training text
+did: the row is BOS then the W text tokens, W + 1 ids (:func:`with_bos`). Scoring needs no
+change for it: position i predicts id i + 1, so the scored targets are exactly the window's
+text tokens (all W of them; nothing predicts BOS, and BOS is never a target). Without BOS the
+row is the W text tokens and the first has nothing before it, so W - 1 are scored. Either way
+a stream gives the same windows, and token counts (an evaluation's ``tokens``, a profile's
+``calibration_tokens``) count text tokens.
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ from .errors import UserError
 
 BUILTIN_CORPUS = "stdlib-docs"
 EVAL_PERCENT = 20  # share of documents hashed into the evaluation split
+_BOS_PROBE = "Text"  # what bos_id encodes to see whether the tokenizer adds BOS
 
 
 class Split(str, Enum):
@@ -229,6 +240,30 @@ def load_tokens(spec: str, tokenizer, split: Split | str = Split.EVALUATION, max
                         f"{start}, fewer than the {max_tokens} asked for")
     digest = hashlib.sha256(stream.numpy().tobytes()).hexdigest()[:16]
     return TokenStream(stream, spec, split, used, digest)
+
+
+def bos_id(tokenizer) -> int | None:
+    """The BOS token id ``tokenizer`` puts before the text it encodes, or None when it adds none.
+
+    Decided by encoding a probe with special tokens (a tokenizer's ``add_bos_token`` flag is
+    not on every class, and a fast tokenizer's post-processor can add BOS without it): SmolLM2
+    and GPT-2 name a BOS token but do not add it, so they get None.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    if bos is None:
+        return None
+    added = tokenizer(_BOS_PROBE, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(_BOS_PROBE, add_special_tokens=False)["input_ids"]
+    return int(bos) if added[:1] == [bos] and plain[:1] != [bos] else None
+
+
+def with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """Token rows [n, W] with ``bos`` put in front of each ([n, W + 1]); ``rows`` itself when
+    ``bos`` is None (then nothing changes, not even the tensor)."""
+    if bos is None:
+        return rows
+    column = torch.full((rows.shape[0], 1), bos, dtype=rows.dtype, device=rows.device)
+    return torch.cat([column, rows], dim=1)
 
 
 def split_sizes(spec: str, tokenizer) -> dict[str, int]:

@@ -47,14 +47,14 @@ class DemoConfig:
 
 
 def _evaluate_to(path: Path, spec: str, config: DemoConfig, reference=None):
-    from .data import Split, load_tokens  # noqa: PLC0415
+    from .data import Split, bos_id, load_tokens  # noqa: PLC0415
     from .evaluate import evaluate, write_eval  # noqa: PLC0415
     from .models import load_model  # noqa: PLC0415
 
     loaded = load_model(spec)
     stream = load_tokens(config.data, loaded.tokenizer, Split.EVALUATION, config.eval_tokens)
     result = evaluate(loaded.model, stream.tokens, model_name=spec, data_name=f"{config.data} (evaluation)",
-                      window=config.window, reference=reference, decode_tokens=16)
+                      window=config.window, reference=reference, decode_tokens=16, bos=bos_id(loaded.tokenizer))
     write_eval(result, path)
     return loaded.model, result
 
@@ -62,10 +62,26 @@ def _evaluate_to(path: Path, spec: str, config: DemoConfig, reference=None):
 def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     """Run the whole job on the demo model; print a summary table and return its figures."""
     from .compress.apply_run import ApplyConfig, apply_run  # noqa: PLC0415
+    from .errors import UserError  # noqa: PLC0415
     from .profile import ProfileSettings, profile_run  # noqa: PLC0415
     from .report import write_report  # noqa: PLC0415
     from .search.study import SearchSettings, search  # noqa: PLC0415
 
+    from .artifacts import check_output  # noqa: PLC0415
+    from .search.budget import check_specs  # noqa: PLC0415
+
+    # Bad settings are refused before minutes of fetching, evaluating and profiling.
+    seq_len = 256
+    check_specs(config.budget)
+    if config.eval_tokens < config.window:
+        raise UserError(f"--tokens {config.eval_tokens} is less than one evaluation window of {config.window}; "
+                        f"raise --tokens")
+    if config.profile_tokens < seq_len:
+        raise UserError(f"--profile-tokens {config.profile_tokens} is less than one profile row of {seq_len}; "
+                        f"raise --profile-tokens")
+    check_output(config.out, "--out", directory=True)
+    if config.reports is not None:
+        check_output(config.reports, "--reports", directory=True)
     console = console or Console()
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,9 +99,15 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
 
     original, base = _evaluate_to(run_dir / "eval_original.json", config.model, config)
     lap("evaluate the original")
-    settings = ProfileSettings(tokens=config.profile_tokens, seq_len=256, role_tokens=config.role_tokens,
+    settings = ProfileSettings(tokens=config.profile_tokens, seq_len=seq_len, role_tokens=config.role_tokens,
                                calib_tokens=config.calib_tokens)
-    outcome = profile_run(config.model, run_dir, data=config.data, space=config.space, settings=settings)
+    try:
+        outcome = profile_run(config.model, run_dir, data=config.data, space=config.space, settings=settings)
+    except UserError as exc:  # a profile of an older demo (another space or preset) is replaced
+        console.print(f"[yellow]{exc}[/yellow]; profiling again")
+        (run_dir / "study.db").unlink(missing_ok=True)  # its trials measured the old profile's choices
+        outcome = profile_run(config.model, run_dir, data=config.data, space=config.space, settings=settings,
+                              force=True)
     lap("profile" + (" (reused)" if outcome.reused else ""))
     found = search(SearchSettings(str(run_dir), (config.budget,), trials=config.trials,
                                   resume=(run_dir / "study.db").exists()))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .artifacts import write_artifact
+from .data import with_bos
 from .progress import progress_bar
 
 EVAL_VERSION = 1
@@ -43,12 +44,13 @@ class EvalResult:
         return asdict(self)
 
 
-def windows(tokens: torch.Tensor, window: int) -> torch.Tensor:
-    """Cut a 1-D stream into non-overlapping windows [n, window] (a short tail is dropped)."""
+def windows(tokens: torch.Tensor, window: int, bos: int | None = None) -> torch.Tensor:
+    """Cut a 1-D stream into non-overlapping windows [n, window] (a short tail is dropped);
+    with a ``bos`` id each starts with it ([n, window + 1], see :mod:`autocompress.data`)."""
     count = tokens.numel() // window
     if count == 0:
         raise ValueError(f"{tokens.numel()} tokens are fewer than one window of {window}")
-    return tokens[: count * window].view(count, window)
+    return with_bos(tokens[: count * window].view(count, window), bos)
 
 
 def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -58,13 +60,15 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def stream_metrics(model: nn.Module, tokens: torch.Tensor, *, window: int = 512, batch_size: int = 2,
                    reference: nn.Module | None = None, description: str = "evaluating",
-                   progress: bool = True) -> dict[str, float]:
+                   progress: bool = True, bos: int | None = None) -> dict[str, float]:
     """Loss, perplexity and (with a reference) mean KL(reference || model) and top-1 agreement.
 
     The next-token loss is averaged over every position of every window but the last one
-    of each window (its target lies in the next window).
+    of each window (its target lies in the next window). With the tokenizer's ``bos`` id
+    (:func:`~autocompress.data.bos_id`) every window starts with BOS, and the scored targets
+    are then all of the window's text tokens, BOS never among them.
     """
-    batches = windows(tokens, window).split(batch_size)
+    batches = windows(tokens, window, bos).split(batch_size)
     nll_sum, kl_sum, agree, counted = 0.0, 0.0, 0, 0
     start = time.perf_counter()
     model_seconds = 0.0
@@ -99,9 +103,10 @@ def batches_tokens(batches) -> int:
 
 
 def perplexity(model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_size: int = 2,
-               progress: bool = False) -> float:
-    """Perplexity of ``model`` over non-overlapping windows of ``tokens``."""
-    return stream_metrics(model, tokens, window=window, batch_size=batch_size, progress=progress)["perplexity"]
+               progress: bool = False, bos: int | None = None) -> float:
+    """Perplexity of ``model`` over non-overlapping windows of ``tokens`` (BOS first with ``bos``)."""
+    return stream_metrics(model, tokens, window=window, batch_size=batch_size, progress=progress,
+                          bos=bos)["perplexity"]
 
 
 @torch.inference_mode()
@@ -119,15 +124,21 @@ def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -
 
 def evaluate(model: nn.Module, tokens: torch.Tensor, *, model_name: str, data_name: str, window: int = 512,
              batch_size: int = 2, reference: nn.Module | None = None, decode_tokens: int = 32,
-             progress: bool = True) -> EvalResult:
-    """Evaluate ``model`` on ``tokens``: perplexity, KL/top-1 to ``reference``, size, speed."""
+             progress: bool = True, bos: int | None = None) -> EvalResult:
+    """Evaluate ``model`` on ``tokens``: perplexity, KL/top-1 to ``reference``, size, speed.
+
+    ``bos`` is the tokenizer's BOS id when it adds one (:func:`~autocompress.data.bos_id`):
+    every window, and the decoding prompt, then start with it. ``tokens`` in the result
+    counts the text tokens of the windows.
+    """
     from .compress.memory import stored_bytes  # noqa: PLC0415 (avoid an import cycle)
     from .models import parameter_count  # noqa: PLC0415
 
     wall = time.perf_counter()
     metrics = stream_metrics(model, tokens, window=window, batch_size=batch_size, reference=reference,
-                             progress=progress)
-    decode = decode_speed(model, tokens[:64], decode_tokens) if decode_tokens > 0 else None
+                             progress=progress, bos=bos)
+    prompt = with_bos(tokens[:64].view(1, -1), bos)
+    decode = decode_speed(model, prompt, decode_tokens) if decode_tokens > 0 else None
     return EvalResult(
         model=model_name, data=data_name, tokens=windows(tokens, window).numel(), window=window,
         perplexity=metrics["perplexity"], loss=metrics["loss"], kl=metrics["kl"], top1=metrics["top1"],

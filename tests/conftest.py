@@ -21,6 +21,14 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def bos_tokenizer():
+    """The tiny BPE tokenizer with a ``<bos>`` token it puts before every text (as Llama 3 and Gemma do)."""
+    from tiny import tiny_tokenizer
+
+    return tiny_tokenizer(bos=True)
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (fetched once into the cache), for the few integration tests."""
     from autocompress.models import load_model

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from autocompress.data import load_tokens
+from autocompress.data import bos_id, load_tokens
 from autocompress.evaluate import windows
 from autocompress.models import load_model, model_fingerprint
 from autocompress.profile.artifact import Profile, UnitProfile
@@ -35,7 +35,7 @@ def make_run(tmp: Path, tokenizer, space: str | SearchSpace = "default", family:
     model = loaded.model
     search_space = space if isinstance(space, SearchSpace) else load_space(space)
     calibration = load_tokens("stdlib-docs", tokenizer, "calibration", PROFILE_TOKENS).tokens
-    rows = windows(calibration, 128)
+    rows = windows(calibration, 128, bos_id(tokenizer))  # BOS first when the tokenizer adds it
     slots = build_slots(search_space, model)
     evaluator = SwapEvaluator(model, slots, rows, rows)
     units, extra = [], []

@@ -217,7 +217,7 @@ def test_a_failed_save_leaves_no_directory(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="disk full"):
         save_compressed(model, None, None, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 

@@ -549,6 +549,18 @@ def test_apply_run_uses_the_runs_rows_and_ships_what_was_measured(tmp_path, toke
     other = apply_run(ApplyConfig(run_dir=str(run), out=tmp_path / "other", calib_tokens=256, seq_len=128,
                                   valid_tokens=256, progress=False))
     assert other.calibration == "the first 256 tokens of the calibration split"
+    # the codes went to RUN/codes/; a second apply reads them instead of running GPTQ again
+    assert len(list((run / "codes").glob("block-*.safetensors"))) == len(adapter_for(loaded.model).blocks(loaded.model))
+    import autocompress.compress.apply as apply_module
+    refuse = lambda *a, **k: pytest.fail("GPTQ ran although RUN/codes/ held the codes")  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(apply_module, "gptq_quantize_many", refuse)
+        patch.setattr(apply_module, "gptq_quantize", refuse)
+        apply_run(ApplyConfig(run_dir=str(run), out=tmp_path / "again", seq_len=128, valid_tokens=256,
+                              progress=False))
+    again, _ = load_compressed(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(again(tokens).logits, expected(tokens).logits)
 
 
 # -- fixed package bugs: regression tests ----------------------------------------------------

@@ -40,9 +40,13 @@ def random_tokens(count: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (count,), generator=generator)
 
 
-def tiny_tokenizer():
-    """A small byte-level BPE tokenizer trained in-process on a slice of the built-in corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(bos: bool = False):
+    """A small byte-level BPE tokenizer trained in-process on a slice of the built-in corpus.
+
+    ``bos=True``: it also has a ``<bos>`` token and puts it before every text it encodes with
+    special tokens (as Llama 3's and Gemma's do, by a post-processor).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from autocompress.data import stdlib_documents
@@ -50,7 +54,11 @@ def tiny_tokenizer():
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"],
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>", "<bos>"] if bos else ["<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(stdlib_documents()[:200], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
+    if not bos:
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", tokenizer.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_threads, add_trust_remote_code, positive_int
+from .common import add_threads, add_trust_remote_code, non_negative_int, positive_int
 
 
 def _fraction(text: str) -> float:
@@ -74,13 +74,14 @@ def register(verbs) -> None:
     staged.add_argument("--total-ppl-increase", type=_non_negative, help="max relative perplexity increase in total")
     staged.add_argument("--recovery", choices=["never", "on-failure", "always"], default="on-failure",
                         help="when to distill (default on-failure)")
-    staged.add_argument("--recovery-steps", type=int, default=100, help="distillation steps per recovery (default 100)")
-    staged.add_argument("--final-recovery-steps", type=int, default=0,
+    staged.add_argument("--recovery-steps", type=non_negative_int, default=100,
+                        help="distillation steps per recovery (default 100)")
+    staged.add_argument("--final-recovery-steps", type=non_negative_int, default=0,
                         help="distillation steps on the finished model (kept if it helps; default 0)")
     staged.add_argument("--recovery-seconds", type=_non_negative, help="time limit per recovery")
     staged.add_argument("--lr", type=_non_negative, default=5e-5, help="learning rate of dense weights and norms")
     staged.add_argument("--lora-lr", type=_non_negative, default=1e-3, help="learning rate of LoRA adapters")
-    staged.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on quantized layers (0: none)")
+    staged.add_argument("--lora-rank", type=non_negative_int, default=8, help="LoRA rank on quantized layers (0: none)")
     staged.add_argument("--lora-merge", choices=["keep", "requantize", "discard"], default="keep",
                         help="adapters after recovery: keep as 16-bit tensors (counted in the size; default), "
                              "fold in and re-quantize (size exactly as scheduled), or discard")
@@ -96,13 +97,14 @@ def run(args) -> int:
     """Apply, save, print the table (and the staged history)."""
     from rich.console import Console  # noqa: PLC0415
 
+    from ..artifacts import check_output  # noqa: PLC0415
     from ..compress.apply_run import ApplyConfig, apply_run, apply_table  # noqa: PLC0415
     from ..compress.distill import DistillConfig  # noqa: PLC0415
     from ..compress.staged import Gates, Recovery, StagedConfig, staged_table  # noqa: PLC0415
     from ..errors import UserError  # noqa: PLC0415
 
-    if args.recovery_steps < 0 or args.lora_rank < 0:
-        raise UserError("--recovery-steps and --lora-rank must be >= 0")
+    if args.out:
+        check_output(args.out, "--out", directory=True)
     staged = None
     if args.staged:
         gates = Gates(step_kl=args.gate_kl, step_ppl_increase=None if args.no_step_gate else args.gate_ppl_increase,

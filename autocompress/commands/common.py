@@ -15,6 +15,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def add_threads(parser: argparse.ArgumentParser) -> None:
     """``--threads``: torch CPU threads (set by the CLI before the verb runs)."""
     parser.add_argument("--threads", type=positive_int, default=None,

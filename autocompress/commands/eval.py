@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_threads, add_trust_remote_code, positive_int
+from .common import add_threads, add_trust_remote_code, non_negative_int, positive_int
 
 
 def register(verbs) -> None:
@@ -18,7 +18,8 @@ def register(verbs) -> None:
     ev.add_argument("--window", type=positive_int, default=512, help="window length (default 512)")
     ev.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass")
     ev.add_argument("--reference", metavar="MODEL", help="model to compare logits with (KL, top-1)")
-    ev.add_argument("--decode-tokens", type=int, default=32, help="tokens for the decode-speed check (0: skip)")
+    ev.add_argument("--decode-tokens", type=non_negative_int, default=32,
+                    help="tokens for the decode-speed check (0: skip)")
     ev.add_argument("--out", help="where to write eval.json (default: ./eval.json, or inside a compressed model dir)")
     add_trust_remote_code(ev)
     add_threads(ev)
@@ -29,18 +30,30 @@ def run(args) -> int:
     """Evaluate and print the table; write eval.json."""
     from rich.console import Console  # noqa: PLC0415
 
-    from ..data import Split, load_tokens  # noqa: PLC0415
+    from ..artifacts import check_output  # noqa: PLC0415
+    from ..data import Split, bos_id, load_tokens  # noqa: PLC0415
+    from ..errors import UserError  # noqa: PLC0415
     from ..evaluate import eval_table, evaluate, write_eval  # noqa: PLC0415
     from ..models import load_model  # noqa: PLC0415
 
+    if args.tokens < args.window:
+        raise UserError(f"--tokens {args.tokens} is less than one --window of {args.window}; "
+                        f"raise --tokens or lower --window")
+    if args.out:
+        check_output(args.out, "--out")
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     stream = load_tokens(args.data, loaded.tokenizer, Split(args.split), args.tokens)
     reference = None
     if args.reference:
         reference = load_model(args.reference, trust_remote_code=args.trust_remote_code).model
+        mine, theirs = (m.get_input_embeddings().num_embeddings for m in (loaded.model, reference))
+        if mine != theirs:
+            raise UserError(f"--reference {args.reference} has a vocabulary of {theirs} tokens and {args.model!r} one "
+                            f"of {mine}; KL needs a shared tokenizer: give as --reference the model {args.model!r} "
+                            f"was made from")
     result = evaluate(loaded.model, stream.tokens, model_name=args.model, data_name=f"{args.data} ({args.split})",
                       window=args.window, batch_size=args.batch_size, reference=reference,
-                      decode_tokens=args.decode_tokens)
+                      decode_tokens=args.decode_tokens, bos=bos_id(loaded.tokenizer))
     Console().print(eval_table(result))
     out = Path(args.out) if args.out else (Path(args.model) / "eval.json" if loaded.kind == "compressed"
                                             else Path("eval.json"))

@@ -49,9 +49,11 @@ def run(args) -> int:
     """Profile (or reuse the profile) and print the tables."""
     from rich.console import Console  # noqa: PLC0415
 
+    from ..artifacts import check_output  # noqa: PLC0415
     from ..profile.run import ProfileSettings, profile_run  # noqa: PLC0415
     from ..profile.tables import additivity_table, proxy_table, role_curve_table, sensitivity_table  # noqa: PLC0415
 
+    check_output(args.out, "--out", directory=True)
     settings = ProfileSettings(tokens=args.tokens, seq_len=args.seq_len, roles=args.roles,
                                role_tokens=args.role_tokens, proxies=args.proxies, calib_tokens=args.calib_tokens,
                                calib_seq_len=args.calib_seq_len, calibration=args.calibration)

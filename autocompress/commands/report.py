@@ -18,8 +18,11 @@ def run(args) -> int:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
+    from ..artifacts import check_output  # noqa: PLC0415
     from ..report import load_run, write_report  # noqa: PLC0415
 
+    if args.out:
+        check_output(args.out, "--out")
     out = write_report(args.run_dir, args.out)
     missing = load_run(args.run_dir).missing
     table = Table(title=f"artifacts of {args.run_dir}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_threads, positive_int
+from .common import add_threads, non_negative_int, positive_int
 
 
 def register(verbs) -> None:
@@ -31,7 +31,8 @@ def register(verbs) -> None:
                     help="NSGA-II over (KL, memory, latency) instead of TPE on KL")
     se.add_argument("--workers", type=positive_int, default=1, help="worker processes on this machine")
     se.add_argument("--seed", type=int, default=0)
-    se.add_argument("--measure", type=int, help="most real evaluations in all; baselines are measured regardless (default: trials/8 + 8)")
+    se.add_argument("--measure", type=non_negative_int,
+                    help="most real evaluations in all; baselines are measured regardless (default: trials/8 + 8)")
     se.add_argument("--holdout-tokens", type=positive_int, default=1024,
                     help="held-aside calibration tokens to measure candidates on (default 1024)")
     se.add_argument("--calibration-tokens", type=positive_int, default=None,
@@ -56,8 +57,10 @@ def run(args) -> int:
     """Run the search; print the baselines-vs-best table."""
     from rich.console import Console  # noqa: PLC0415
 
+    from ..search.budget import check_specs  # noqa: PLC0415
     from ..search.study import SearchSettings, result_table, search  # noqa: PLC0415
 
+    check_specs(args.budget)
     settings = SearchSettings(
         run_dir=args.run_dir, budget=tuple(args.budget), trials=args.trials, space=args.space, storage=args.storage,
         study_name=args.study_name, resume=args.resume, pareto=args.pareto, workers=args.workers, seed=args.seed,

@@ -74,16 +74,19 @@ def run(args) -> int:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
+    from ..artifacts import check_output  # noqa: PLC0415
     from ..compress.memory import MemoryModel, unit_bytes  # noqa: PLC0415
     from ..errors import UserError  # noqa: PLC0415
     from ..models import load_model  # noqa: PLC0415
     from ..profile.artifact import Profile  # noqa: PLC0415
     from ..schedule import Choice  # noqa: PLC0415
-    from ..search.budget import Budget, format_figure  # noqa: PLC0415
+    from ..search.budget import Budget, check_specs, format_figure  # noqa: PLC0415
     from ..search.space import load_space  # noqa: PLC0415
     from ..transfer import load_source, transfer_schedule  # noqa: PLC0415
     from ..transfer.predictor import SensitivityPredictor  # noqa: PLC0415
 
+    check_specs(args.budget)
+    check_output(args.out, "--out", directory=True)
     source = load_source(args.schedule)
     profile = None
     if args.profile:
@@ -104,7 +107,7 @@ def run(args) -> int:
                         ("--check-count", args.check_count)):
         if value < 0:
             raise UserError(f"{flag} must be 0 or more, got {value}")
-    from ..data import load_tokens  # noqa: PLC0415
+    from ..data import bos_id, load_tokens  # noqa: PLC0415
 
     signature = args.signature_tokens if source.meta.get("source_signature") is not None else 0
     check = args.check_tokens if args.check_count > 0 else 0
@@ -114,10 +117,10 @@ def run(args) -> int:
     tokens = stream[:signature] if signature > 0 else None
     check_tokens = stream[:check] if check > 0 else None
     result = transfer_schedule(source, model, budget, space=space, profile=profile, predictor=predictor,
-                               signature_tokens=tokens, check_tokens=check_tokens, check_count=args.check_count)
+                               signature_tokens=tokens, check_tokens=check_tokens, check_count=args.check_count,
+                               bos=bos_id(loaded.tokenizer))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result.save(out / "schedule.json")
+    result.save(out / "schedule.json")  # makes the directory; a failed write is one line
 
     info = result.meta["transfer"]
     source_depths = {name: entry["relative_depth"] for name, entry in source.meta.get("agnostic", {}).items()}

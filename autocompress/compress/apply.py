@@ -17,6 +17,7 @@ from ..models import FamilyAdapter, HeadLayout, adapter_for, config_head_dim
 from ..progress import progress_bar
 from ..schedule import Choice, Observer, PruneScore, QuantMethod, Schedule, SparsityPattern
 from .calibrate import BlockInputs, LinearStats, capture_block_inputs, collect_stats, run_block, token_batch
+from .code_cache import CodeCache
 from .gptq import gptq_quantize, gptq_quantize_many, quantize_observed
 from .prune import (channel_scores, drop_blocks, head_group_scores, keep_top, kept_channels, kept_heads,
                     prune_channels, prune_heads, set_submodule, sparsity_mask, weight_scores)
@@ -131,19 +132,30 @@ def compress_linear(module: nn.Linear, choice: Choice, stats: LinearStats | None
 
 
 def block_stats(block: nn.Module, model: nn.Module, inputs: BlockInputs, *, batch_size: int = 8,
-                choices=()) -> dict[str, LinearStats]:
+                choices=(), cache: CodeCache | None = None, index: int | None = None) -> dict[str, LinearStats]:
     """Every linear's input statistics (Wanda norms and GPTQ Hessians) on the *unchanged* block.
 
     Computed once per block and handed to :func:`compress_block_` as ``stats``, they make every
     choice of the block a pure function of the original weights and these inputs: the profile,
     the search's trials and ``apply`` then produce the very same codes for the same choice.
     The act-order GPTQ codes of ``choices`` are computed up front, in one stacked pass per
-    linear (:func:`precompute_gptq`).
+    linear (:func:`precompute_gptq`). With a ``cache`` (the run's :class:`~.code_cache.CodeCache`)
+    and the block's ``index``, codes already on disk are read instead of computed, and new ones
+    are written back.
     """
     adapter = adapter_for(model)
     modules = {path: block.get_submodule(path) for path in adapter.linears.values()}
     stats = collect_stats(block, inputs, modules, set(modules), batch_size=batch_size)
+    if cache is None:
+        precompute_gptq(block, model, stats, choices)
+        return stats
+    for path, memo in cache.load(index).items():
+        if path in stats:
+            stats[path].memo.update(memo)
+    known = sum(len(s.memo) for s in stats.values())
     precompute_gptq(block, model, stats, choices)
+    if sum(len(s.memo) for s in stats.values()) > known:
+        cache.save(index, {path: s.memo for path, s in stats.items()})
     return stats
 
 
@@ -265,7 +277,7 @@ def _as_token_batch(calibration_tokens, seq_len: int) -> torch.Tensor | None:
 @torch.no_grad()
 def apply(model: nn.Module, schedule: Schedule, calibration_tokens=None, *, progress: bool = True,
           seq_len: int = 512, batch_size: int = 8, fingerprint: str | None = None,
-          sequential: bool = False) -> nn.Module:
+          sequential: bool = False, cache: CodeCache | None = None) -> nn.Module:
     """Compress ``model`` in place as ``schedule`` says; returns it.
 
     ``calibration_tokens`` is a LongTensor [n, seq], a 1-D stream (cut into ``seq_len``
@@ -276,6 +288,8 @@ def apply(model: nn.Module, schedule: Schedule, calibration_tokens=None, *, prog
     shipped model is the one that was measured; ``sequential=True`` calibrates each block on
     the compressed blocks' outputs instead (GPTQ's reference order). Everything not quantized
     ends up rounded to its 16-bit storage type, so the in-memory model equals its saved form.
+    ``cache`` (the run's :class:`~.code_cache.CodeCache`, for the same calibration rows) gives
+    the GPTQ codes the profile and the search already computed.
 
     Example::
 
@@ -304,7 +318,8 @@ def apply(model: nn.Module, schedule: Schedule, calibration_tokens=None, *, prog
             stats = None
             if not sequential and block_inputs is not None:
                 if needs_calibration(choice, {p: linears.get(p, choice) for p in paths}):
-                    stats = block_stats(blocks[index], model, block_inputs, batch_size=batch_size)
+                    stats = block_stats(blocks[index], model, block_inputs, batch_size=batch_size,
+                                        choices=[choice, *linears.values()], cache=cache, index=index)
                 if index < last_needed:  # the next block is calibrated on the original's outputs
                     inputs = inputs.with_hidden(run_block(blocks[index], inputs, batch_size=batch_size))
             block = compress_block_(blocks[index], model, choice, block_inputs,

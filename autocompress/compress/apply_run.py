@@ -9,7 +9,9 @@ validation perplexity before and after, and saves the model with
 Data: the run's calibration rows (``RUN/calibration.safetensors``, chosen by ``profile``)
 feed the statistics, so the model shipped is the model the search measured; ``calib_tokens``
 replaces them with that many tokens from the start of the calibration split (then the codes
-may differ from the measured ones, and the result says so). Distillation reads
+may differ from the measured ones, and the result says so). With the run's rows, the GPTQ
+codes come from ``RUN/codes/`` (:mod:`.code_cache`) when the profile or the search already
+computed them. Distillation reads
 ``calib_tokens`` (default 8192) from the split. The ``valid_tokens`` after everything the
 calibration drew from, never seen by the compression, are the validation slice.
 
@@ -81,17 +83,22 @@ def _model_spec(config: ApplyConfig, schedule: Schedule, path: Path, profile) ->
 
 def apply_run(config: ApplyConfig) -> ApplyResult:
     """Compress the model of ``config.run_dir``'s schedule and save it; see the module docstring."""
-    from ..data import Split, load_tokens  # noqa: PLC0415
+    from ..data import Split, bos_id, load_tokens  # noqa: PLC0415
     from ..evaluate import perplexity  # noqa: PLC0415
     from ..models import load_model, model_fingerprint, parameter_count  # noqa: PLC0415
     from ..profile.artifact import Profile  # noqa: PLC0415
     from ..run_calibration import load_calibration  # noqa: PLC0415
     from .apply import apply  # noqa: PLC0415
+    from .calibrate import token_batch  # noqa: PLC0415
+    from .code_cache import CodeCache  # noqa: PLC0415
     from .memory import MemoryModel, dense_bytes, stored_bytes  # noqa: PLC0415
     from .saving import save_compressed  # noqa: PLC0415
     from .staged import staged_apply  # noqa: PLC0415
 
     started = time.perf_counter()
+    if config.calib_tokens is not None and config.calib_tokens < config.seq_len:
+        raise UserError(f"--calib-tokens {config.calib_tokens} is less than one row of --seq-len {config.seq_len}; "
+                        f"raise --calib-tokens or lower --seq-len")
     run_dir = Path(config.run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run directory not found; run `autocompress search` first or give another RUN")
@@ -109,12 +116,14 @@ def apply_run(config: ApplyConfig) -> ApplyResult:
     model = loaded.model
     fingerprint = model_fingerprint(model)
     schedule.validate(model, fingerprint=fingerprint)
+    bos = bos_id(loaded.tokenizer)  # every window starts with BOS when the tokenizer adds one
     recorded = profile.meta.get("calibration", {}).get("fingerprint") if profile is not None else None
     run_calibration = load_calibration(run_dir, recorded) if profile is not None else None
     calib_count = config.calib_tokens or 8192
     calib = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, calib_count)
     span = run_calibration.span if run_calibration is not None else 0
-    if run_calibration is not None and config.calib_tokens is None and config.staged is None:
+    as_measured = run_calibration is not None and config.calib_tokens is None and config.staged is None
+    if as_measured:
         calib_rows, valid_start = run_calibration.rows, span
         described = f"the run's {run_calibration.mode} rows ({run_calibration.fingerprint}), as measured"
     else:
@@ -137,10 +146,13 @@ def apply_run(config: ApplyConfig) -> ApplyResult:
         predicted = staged.final_bytes
         ppl_before, ppl_after = staged.original.perplexity, staged.final.perplexity
     else:
-        ppl_before = perplexity(model, valid.tokens, window=window)
-        apply(model, schedule, calib_rows, progress=config.progress, seq_len=config.seq_len,
-              batch_size=config.batch_size, fingerprint=fingerprint, sequential=config.sequential)
-        ppl_after = perplexity(model, valid.tokens, window=window)
+        ppl_before = perplexity(model, valid.tokens, window=window, bos=bos)
+        # The run's rows and original activations: the codes the profile and the search computed.
+        cache = CodeCache.for_run(run_dir, fingerprint, calib_rows) if as_measured and not config.sequential else None
+        rows = calib_rows if calib_rows.dim() == 2 else token_batch(calib_rows, config.seq_len, bos=bos)
+        apply(model, schedule, rows, progress=config.progress, seq_len=config.seq_len,
+              batch_size=config.batch_size, fingerprint=fingerprint, sequential=config.sequential, cache=cache)
+        ppl_after = perplexity(model, valid.tokens, window=window, bos=bos)
     save_compressed(model, loaded.tokenizer, schedule, out, overwrite=config.overwrite)
     return ApplyResult(out=out, model=spec, data=data, bytes_before=bytes_before, bytes_after=stored_bytes(model),
                        bytes_predicted=predicted, parameters_before=params_before,

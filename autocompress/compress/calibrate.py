@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ..data import with_bos
 from ..models import adapter_for
 
 
@@ -41,14 +42,15 @@ class _StopForward(Exception):
     """Raised by the capture hook once block 0's inputs are recorded."""
 
 
-def token_batch(tokens: torch.Tensor, seq_len: int, count: int | None = None) -> torch.Tensor:
-    """Cut a 1-D token stream into ``count`` (default: all that fit) rows of ``seq_len``."""
+def token_batch(tokens: torch.Tensor, seq_len: int, count: int | None = None, bos: int | None = None) -> torch.Tensor:
+    """Cut a 1-D token stream into ``count`` (default: all that fit) rows of ``seq_len``; with a
+    ``bos`` id each row starts with it ([rows, seq_len + 1], see :mod:`autocompress.data`)."""
     rows = tokens.numel() // seq_len
     if count is not None:
         rows = min(rows, count)
     if rows == 0:
         raise ValueError(f"{tokens.numel()} tokens are fewer than one sequence of {seq_len}")
-    return tokens[: rows * seq_len].reshape(rows, seq_len)
+    return with_bos(tokens[: rows * seq_len].reshape(rows, seq_len), bos)
 
 
 def _batch_one(value):

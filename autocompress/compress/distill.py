@@ -109,11 +109,13 @@ def default_hidden_layers(num_blocks: int) -> tuple[int, ...]:
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
             student_hidden: list[torch.Tensor] = (), teacher_hidden: list[torch.Tensor] = (),
-            hidden_weight: float = 0.0) -> tuple[torch.Tensor, float, float]:
+            hidden_weight: float = 0.0, hidden_from: int = 0) -> tuple[torch.Tensor, float, float]:
     """The distillation loss; returns (loss, logit KL part, hidden MSE part).
 
     KL is averaged over token positions, ``T**2``-scaled; each hidden MSE is relative to the
-    teacher's mean square at that depth.
+    teacher's mean square at that depth, over the positions from ``hidden_from`` on (1 leaves
+    out a BOS position, whose hidden states in many models are outliers that would swamp the
+    mean square; no position predicts BOS, so the KL needs no such care).
     """
     t = temperature
     vocab = student_logits.shape[-1]
@@ -122,6 +124,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     kl = F.kl_div(s, r, log_target=True, reduction="sum") / s.shape[0] * (t * t)
     mse = student_logits.new_zeros((), dtype=torch.float32)
     for hs, ht in zip(student_hidden, teacher_hidden):
+        if hidden_from:
+            hs, ht = hs[:, hidden_from:], ht[:, hidden_from:]
         mse = mse + F.mse_loss(hs.float(), ht.float()) / ht.float().pow(2).mean().clamp(min=1e-12)
     if student_hidden:
         mse = mse / len(student_hidden)
@@ -181,7 +185,7 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, config: DistillConfig, *,
             progress: bool = True, add_adapters: bool = True,
-            before_step: Callable[[int, int], None] | None = None) -> DistillResult:
+            before_step: Callable[[int, int], None] | None = None, bos: bool = False) -> DistillResult:
     """Train ``student`` to match ``teacher`` on ``tokens`` [n, seq] for ``config.steps`` steps.
 
     Adds LoRA adapters to the student's quantized linears first (``config.lora_rank`` > 0 and
@@ -189,12 +193,13 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, config
     Trained dense weights are rounded to their 16-bit storage type at the end, so the model
     equals its saved form. Both models must have the same block count (dropped blocks stand
     in place as identities while staging). ``before_step(i, steps)`` runs before step ``i``
-    (fading uses it to lower its scale).
+    (fading uses it to lower its scale). ``bos``: every row starts with a BOS token, which
+    ``config.seq_len`` does not count and the hidden-state loss leaves out.
     """
     if tokens.dim() != 2:
         raise ValueError("distill needs token rows [n, seq]")
-    if config.seq_len < tokens.shape[1]:
-        tokens = tokens[:, : config.seq_len]
+    if config.seq_len + bos < tokens.shape[1]:
+        tokens = tokens[:, : config.seq_len + bos]
     if add_adapters and config.lora_rank > 0:
         add_lora(student, config.lora_rank, config.lora_alpha, seed=config.seed)
     dense, adapters = trainable_parameters(student, config)
@@ -229,7 +234,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, config
                     teacher_hidden = [h.detach() for h in teacher_taps.take()]
                 student_logits = _logits(student, batch)
                 loss, _, _ = kd_loss(student_logits, teacher_logits, config.temperature, student_taps.take(),
-                                     teacher_hidden, config.hidden_weight)
+                                     teacher_hidden, config.hidden_weight, hidden_from=int(bos))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -258,8 +263,10 @@ def _round_trained(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def kd_eval_loss(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, config: DistillConfig) -> float:
-    """The distillation loss of ``student`` on ``tokens`` [n, seq] (no training), averaged over rows."""
+def kd_eval_loss(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, config: DistillConfig, *,
+                 bos: bool = False) -> float:
+    """The distillation loss of ``student`` on ``tokens`` [n, seq] (no training), averaged over
+    rows; ``bos`` as in :func:`distill`."""
     num_blocks = len(adapter_for(student).blocks(student))
     layers = config.hidden_layers if config.hidden_layers is not None else default_hidden_layers(num_blocks)
     layers = tuple(layers) if config.hidden_weight > 0 else ()
@@ -267,11 +274,11 @@ def kd_eval_loss(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, c
     total, count = 0.0, 0
     try:
         for start in range(0, tokens.shape[0], config.batch_size):
-            batch = tokens[start:start + config.batch_size, : config.seq_len]
+            batch = tokens[start:start + config.batch_size, : config.seq_len + bos]
             teacher_logits = _logits(teacher, batch)
             teacher_hidden = teacher_taps.take()
             loss, _, _ = kd_loss(_logits(student, batch), teacher_logits, config.temperature,
-                                 student_taps.take(), teacher_hidden, config.hidden_weight)
+                                 student_taps.take(), teacher_hidden, config.hidden_weight, hidden_from=int(bos))
             total += float(loss) * batch.shape[0]
             count += batch.shape[0]
     finally:

@@ -109,8 +109,11 @@ def save_compressed(model: nn.Module, tokenizer, schedule: Schedule | None, out_
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UserError(f"{out_dir} already exists; choose another output directory or allow overwriting")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".part", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".part", dir=out_dir.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write {out_dir}: {exc.strerror or exc}; choose another output directory") from None
     try:
         tensors, aliases = _tensors_to_save(model)
         safetensors.torch.save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
@@ -131,8 +134,11 @@ def save_compressed(model: nn.Module, tokenizer, schedule: Schedule | None, out_
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(staging, out_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk, a lost mount: the old directory (if any) is untouched
+            raise UserError(f"cannot write {out_dir}: {exc.strerror or exc}; free some space or choose another "
+                            f"output directory") from None
         raise
     return out_dir
 

@@ -46,13 +46,14 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..artifacts import fingerprint as hash_parts
-from ..artifacts import read_artifact, write_artifact
+from ..artifacts import read_artifact, type_error, write_artifact
+from ..data import bos_id
 from ..errors import UserError
 from ..evaluate import stream_metrics
 from ..models import adapter_for, model_fingerprint
@@ -226,10 +227,11 @@ class StagedResult:
 # The staged run
 
 
-def _quality(model: nn.Module, teacher: nn.Module | None, tokens: torch.Tensor, config: StagedConfig) -> Quality:
+def _quality(model: nn.Module, teacher: nn.Module | None, tokens: torch.Tensor, config: StagedConfig,
+             bos: int | None = None) -> Quality:
     """Validation quality of ``model``; KL to ``teacher`` (0 without one: the teacher itself)."""
     m = stream_metrics(model, tokens, window=config.eval_window, batch_size=config.eval_batch_size,
-                       reference=teacher, progress=False)
+                       reference=teacher, progress=False, bos=bos)
     return Quality(m["perplexity"], m["loss"], m["kl"] if teacher is not None else 0.0)
 
 
@@ -286,11 +288,18 @@ def _fmt(q: Quality | None) -> dict | None:
     return None if q is None else {k: round(v, 6) for k, v in asdict(q).items()}
 
 
+_STATE_FIELDS = {"schedule": str, "model": str, "order": list[str], "original": dict[str, float | int | None],
+                 "steps": list[dict[str, Any]], "accepted": list[str], "frozen": list[str],
+                 "pending": list[str] | None, "dropped": list[int]}
+
+
 def _load_state(path: Path) -> dict:
     data = read_artifact(path, STAGED_TYPE, STAGED_VERSION)
-    for key in ("schedule", "model", "order", "original", "steps", "accepted", "frozen", "pending", "dropped"):
+    for key, hint in _STATE_FIELDS.items():
         if key not in data:
             raise UserError(f"{path}: field {key!r} is missing; start over with --restart")
+        if (error := type_error(data[key], hint, key)) is not None:
+            raise UserError(f"{path}: {error}; start over with --restart")
     return data
 
 
@@ -306,6 +315,8 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
     :class:`~autocompress.profile.artifact.Profile`) orders units by measured KL.
     ``run_dir`` receives ``staged.json`` and the per-step checkpoint ``staged/model``.
     ``on_step`` is called with each finished step's record (after its checkpoint).
+    When ``tokenizer`` adds BOS, every calibration, distillation and validation window starts
+    with it (``calib_seq_len``, ``distill.seq_len`` and ``eval_window`` count text tokens).
 
     Returns the compressed model with dropped blocks removed.
     """
@@ -320,8 +331,9 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
     weights = {u.name: unit_weight(memory, u, fingerprint) for u in units}
     calib = _flat(calibration)
     valid = _flat(validation)
-    stat_rows = token_batch(calib, min(config.calib_seq_len, calib.numel()), config.calib_rows)
-    train_rows = token_batch(calib, min(config.distill.seq_len, calib.numel()))
+    bos = bos_id(tokenizer)
+    stat_rows = token_batch(calib, min(config.calib_seq_len, calib.numel()), config.calib_rows, bos=bos)
+    train_rows = token_batch(calib, min(config.distill.seq_len, calib.numel()), bos=bos)
 
     state = _open_state(state_path, run_dir, schedule, fingerprint, config)
     if state is not None and state["steps"]:
@@ -337,7 +349,7 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
     student.eval()
 
     if state is None or not state["steps"]:
-        state = _fresh_state(teacher, schedule, units, memory, calib, valid, config, profile, fingerprint)
+        state = _fresh_state(teacher, schedule, units, memory, calib, valid, config, profile, fingerprint, bos)
         write_artifact(state_path, STAGED_TYPE, STAGED_VERSION, state)
     if bool(state.get("levels")) != (config.gradual and not config.one_shot):
         raise UserError(f"{state_path} was made {'with' if state.get('levels') else 'without'} --gradual; "
@@ -367,7 +379,7 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         saved = {i: copy.deepcopy(blocks[i]) for i in step_blocks}
         saved_head = _ends(student)
         after, recovered, recovery, failures = _compress_and_recover(
-            student, teacher, step, saved, stat_rows, train_rows, valid, config, fingerprint, before, original)
+            student, teacher, step, saved, stat_rows, train_rows, valid, config, fingerprint, before, original, bos)
 
         frozen, settled = [], [u.name for u in step]
         if failures:
@@ -400,7 +412,7 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
             on_step(record)
 
     if config.final_recovery_steps > 0 and state["accepted"]:
-        current = _final_recovery(student, teacher, train_rows, valid, config, current, state)
+        current = _final_recovery(student, teacher, train_rows, valid, config, current, state, bos)
     accepted_now = [by_name[n] for n in state["accepted"]]
     applied = schedule_of(fingerprint, accepted_now, {**schedule.meta, "staged": {
         "frozen": list(state["frozen"]), "steps": len(steps)}})
@@ -418,10 +430,11 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
 
 def _compress_and_recover(student: nn.Module, teacher: nn.Module, step: list, saved: dict[int, nn.Module],
                           stat_rows: torch.Tensor, train_rows: torch.Tensor, valid: torch.Tensor, config: StagedConfig,
-                          fingerprint: str, before: Quality, original: Quality):
+                          fingerprint: str, before: Quality, original: Quality, bos: int | None = None):
     """Compress one step's units (faded out first with ``--fade``), check the gates, distill when
     the recovery setting asks; returns (quality after, after recovery or None, the recovery's
-    record or None, the failed gates). Blocks distillation will train are added to ``saved``."""
+    record or None, the failed gates). Blocks distillation will train are added to ``saved``;
+    ``bos`` is the tokenizer's BOS id when the rows start with it."""
     blocks = adapter_for(student).blocks(student)
     faded = None
     if config.fade:
@@ -430,11 +443,12 @@ def _compress_and_recover(student: nn.Module, teacher: nn.Module, step: list, sa
             _save_all(saved, blocks)  # distillation trains every block
             with fading(student, fades) as set_alpha:
                 result = distill(student, teacher, train_rows, config.distill, progress=config.progress,
-                                 before_step=lambda i, n: set_alpha(linear_ramp(i, n, config.fade_share)))
+                                 before_step=lambda i, n: set_alpha(linear_ramp(i, n, config.fade_share)),
+                                 bos=bos is not None)
             merge_lora(student, config.lora_merge)
             faded = {**result.to_json(), "fade": True}
     compress_step_(student, step, stat_rows, fingerprint, teacher, config.batch_size)
-    after = _quality(student, teacher, valid, config)
+    after = _quality(student, teacher, valid, config, bos)
     failures = config.gates.failures(before, after, original)
     recovered, recovery = None, faded
     if faded is not None:  # the fading distillation was this step's recovery; more only on a failed gate
@@ -443,10 +457,10 @@ def _compress_and_recover(student: nn.Module, teacher: nn.Module, step: list, sa
         recover = config.recovery is Recovery.ALWAYS or (config.recovery is Recovery.ON_FAILURE and bool(failures))
     if recover:
         _save_all(saved, blocks)
-        result = distill(student, teacher, train_rows, config.distill, progress=config.progress)
+        result = distill(student, teacher, train_rows, config.distill, progress=config.progress, bos=bos is not None)
         merge_lora(student, config.lora_merge)
         recovery = {**result.to_json(), **({"fade_steps": faded["steps"]} if faded else {})}
-        recovered = _quality(student, teacher, valid, config)
+        recovered = _quality(student, teacher, valid, config, bos)
         failures = config.gates.failures(before, recovered, original)
     return after, recovered, recovery, failures
 
@@ -471,14 +485,14 @@ def _open_state(state_path: Path, run_dir: Path, schedule: Schedule, fingerprint
 
 
 def _fresh_state(teacher: nn.Module, schedule: Schedule, units: list, memory: MemoryModel, calib: torch.Tensor,
-                 valid: torch.Tensor, config: StagedConfig, profile, fingerprint: str) -> dict:
+                 valid: torch.Tensor, config: StagedConfig, profile, fingerprint: str, bos: int | None = None) -> dict:
     """A new run's state: the original's quality and size, and the units ordered most robust first."""
     by_name = {u.name: u for u in units}
-    original = _quality(teacher, None, valid, config)
+    original = _quality(teacher, None, valid, config, bos)
     if profile is not None and (scores := profile_scores(profile, units)) is not None:
         source = "profile"
     else:
-        rows = token_batch(calib, min(128, calib.numel()), config.proxy_rows)
+        rows = token_batch(calib, min(128, calib.numel()), config.proxy_rows, bos=bos)
         scores, source = proxy_scores(teacher, units, rows, fingerprint, config.batch_size), "proxy"
     order = sorted((u.name for u in units), key=lambda n: (scores[n], n))
     levels = gradual_levels(memory, [by_name[n] for n in order], fingerprint, config.step_fraction) \
@@ -513,14 +527,14 @@ def _after_failed_gate(state: dict, step: list, failures: list[str], config: Sta
 
 
 def _final_recovery(student: nn.Module, teacher: nn.Module, rows: torch.Tensor, valid: torch.Tensor,
-                    config: StagedConfig, current: Quality, state: dict) -> Quality:
+                    config: StagedConfig, current: Quality, state: dict, bos: int | None = None) -> Quality:
     """Distill the finished model once more (kept only if the validation KL improves); logs to ``state``."""
     blocks = adapter_for(student).blocks(student)
     saved = {i: copy.deepcopy(block) for i, block in enumerate(blocks)}
     result = distill(student, teacher, rows, replace(config.distill, steps=config.final_recovery_steps),
-                     progress=config.progress)
+                     progress=config.progress, bos=bos is not None)
     merge_lora(student, config.lora_merge)
-    after = _quality(student, teacher, valid, config)
+    after = _quality(student, teacher, valid, config, bos)
     kept = after.kl <= current.kl
     if not kept:
         for index, block in saved.items():

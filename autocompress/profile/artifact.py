@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import read_artifact, write_artifact
+from ..artifacts import read_artifact, type_error, write_artifact
 from ..errors import UserError
 
 PROFILE_TYPE = "profile"
@@ -115,7 +115,13 @@ class Profile:
 
     @classmethod
     def from_json(cls, data: Any, path: str | os.PathLike = "profile.json") -> Profile:
-        """Strict inverse of :meth:`to_json`."""
+        """Strict inverse of :meth:`to_json`: a missing field, an unknown one or a wrong type names it."""
+        if (error := type_error(data, cls, "profile")) is not None:
+            raise UserError(f"{path}: not a valid profile ({error}); re-run `autocompress profile --force`")
+        calibration = data["meta"].get("calibration", {}) if "meta" in data else {}
+        if not isinstance(calibration, dict) or not isinstance(calibration.get("fingerprint", ""), str):
+            raise UserError(f"{path}: not a valid profile (profile.meta.calibration: expected an object with a "
+                            f"string fingerprint, got {calibration!r:.60}); re-run `autocompress profile --force`")
         try:
             units = [UnitProfile(**u) for u in data["units"]]
             extra = [UnitProfile(**u) for u in data.get("extra_units", [])]

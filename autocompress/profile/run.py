@@ -47,7 +47,9 @@ class ProfileSettings:
     the two). ``fisher_rows`` sequences get a backward pass for the Fisher proxy (None: all).
     ``calib_tokens`` in rows of ``calib_seq_len``, chosen by ``calibration`` (``curated``:
     coverage plus hard windows, or ``first``), are the run's calibration rows: GPTQ Hessians
-    and Wanda norms of the profile, the search and ``apply`` all come from them.
+    and Wanda norms of the profile, the search and ``apply`` all come from them. Lengths count
+    text tokens: with a tokenizer that adds BOS every row is BOS plus ``seq_len`` (or
+    ``calib_seq_len``) of them (see :mod:`autocompress.data`).
     """
 
     tokens: int = 2048
@@ -89,19 +91,20 @@ def unit_refs(model: nn.Module, space: SearchSpace) -> list[UnitRef]:
     return [ref for ref in refs if ref.name in wanted]
 
 
-def calibration_rows(tokens: torch.Tensor, settings: ProfileSettings) -> torch.Tensor:
-    """The measured calibration tokens as rows [n, seq_len] (UserError when too few)."""
+def calibration_rows(tokens: torch.Tensor, settings: ProfileSettings, bos: int | None = None) -> torch.Tensor:
+    """The measured calibration tokens as rows [n, seq_len] (UserError when too few), each
+    starting with the tokenizer's ``bos`` id when given ([n, seq_len + 1])."""
     if tokens.numel() < settings.tokens:
         raise UserError(f"the calibration data has {tokens.numel()} tokens, fewer than the {settings.tokens} "
                         f"asked for; lower --tokens or give more text")
     if settings.tokens < settings.seq_len:
         raise UserError(f"--tokens {settings.tokens} is less than one sequence of --seq-len {settings.seq_len}")
-    return token_batch(tokens[: settings.tokens], settings.seq_len)
+    return token_batch(tokens[: settings.tokens], settings.seq_len, bos=bos)
 
 
-def data_fingerprint(tokens: torch.Tensor, settings: ProfileSettings) -> str:
-    """Fingerprint of exactly what is measured: the token ids, their count and the row length."""
-    rows = calibration_rows(tokens, settings)
+def data_fingerprint(tokens: torch.Tensor, settings: ProfileSettings, bos: int | None = None) -> str:
+    """Fingerprint of exactly what is measured: the token ids (BOS included), their count and the row length."""
+    rows = calibration_rows(tokens, settings, bos)
     return fingerprint(hashlib.sha256(rows.numpy().tobytes()).digest(), rows.numel(), settings.seq_len)
 
 
@@ -130,27 +133,33 @@ def _static_proxies(trace: Trace, ref: UnitRef, modules: dict[str, nn.Module], n
     return proxies
 
 
-def _role_states(loaded: LoadedModel, trace: Trace, tokens: torch.Tensor, settings: ProfileSettings):
-    """Hidden states of every layer ([n, hidden] each) and the token ids the probes read."""
-    if settings.role_tokens <= trace.tokens.numel():
+def _role_states(loaded: LoadedModel, trace: Trace, tokens: torch.Tensor, settings: ProfileSettings,
+                 bos: int | None = None):
+    """Hidden states of every layer ([n, hidden] each) and the token ids the probes read
+    (text tokens only: a BOS column in front of the rows is left out)."""
+    skip = 0 if bos is None else 1
+    if settings.role_tokens <= trace.tokens[:, skip:].numel():
         rows, hidden = trace.tokens, trace.hidden
     else:
         if tokens.numel() < settings.role_tokens:
             raise UserError(f"the calibration data has {tokens.numel()} tokens, fewer than the "
                             f"{settings.role_tokens} --role-tokens asked for")
-        rows = token_batch(tokens[: settings.role_tokens], settings.seq_len)
+        rows = token_batch(tokens[: settings.role_tokens], settings.seq_len, bos=bos)
         hidden = trace_model(loaded.model, rows, batch_size=settings.batch_size, reference=False).hidden
+    rows = rows[:, skip:]
     n = min(settings.role_tokens, rows.numel())
-    flat = [h.reshape(-1, h.shape[-1])[:n] for h in hidden]
+    flat = [h[:, skip:].reshape(-1, h.shape[-1])[:n] for h in hidden]
     return flat, rows.reshape(-1)[:n]
 
 
 class BlockStatsSource:
     """Each block's statistics on the original model's activations over calibration rows, one block at a time."""
 
-    def __init__(self, model: nn.Module, rows: torch.Tensor | None, batch_size: int, choices=(), store=None):
+    def __init__(self, model: nn.Module, rows: torch.Tensor | None, batch_size: int, choices=(), store=None,
+                 cache=None):
         self.model, self.batch_size, self.choices = model, batch_size, list(choices)
         self.store = store  # keeps every block's statistics (and GPTQ codes) when given
+        self.cache = cache  # the run's CodeCache: codes on disk for the search and apply
         self.trace = trace_model(model, rows, batch_size=batch_size, reference=False) if rows is not None else None
         self.current: tuple[int, dict] | None = None
 
@@ -163,7 +172,7 @@ class BlockStatsSource:
         if self.current is None or self.current[0] != index:
             block = adapter_for(self.model).blocks(self.model)[index]
             stats = block_stats(block, self.model, self.trace.block_inputs(index), batch_size=self.batch_size,
-                                choices=self.choices)
+                                choices=self.choices, cache=self.cache, index=index)
             self.current = (index, stats)
             if self.store is not None:
                 self.store[index] = stats
@@ -226,11 +235,11 @@ def _embedding_units(model: nn.Module, rows: torch.Tensor, space: SearchSpace,
 
 
 def _probe_roles(loaded: LoadedModel, trace: Trace, tokens: torch.Tensor, settings: ProfileSettings,
-                 units: list[UnitProfile], meta: dict) -> dict[str, list[float]]:
+                 units: list[UnitProfile], meta: dict, bos: int | None = None) -> dict[str, list[float]]:
     """Linguistic-role curves of every layer; each unit gets its block's roles (``meta["roles"]`` the details)."""
     from .probes import probe_roles  # noqa: PLC0415 (scikit-learn is imported only when probing)
 
-    states, ids = _role_states(loaded, trace, tokens, settings)
+    states, ids = _role_states(loaded, trace, tokens, settings, bos)
     roles = probe_roles(states, ids, loaded.tokenizer, seed=settings.seed)
     data = roles.to_json()
     meta["roles"] = data
@@ -244,7 +253,8 @@ def _probe_roles(loaded: LoadedModel, trace: Trace, tokens: torch.Tensor, settin
 @torch.no_grad()
 def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: ProfileSettings = ProfileSettings(), *,
                   model_name: str | None = None, data_name: str | None = None,
-                  model_fp: str | None = None, calibration=None, stats_store: dict | None = None) -> Profile:
+                  model_fp: str | None = None, calibration=None, stats_store: dict | None = None,
+                  code_cache=None) -> Profile:
     """Profile ``loaded.model`` on the calibration ``stream`` under ``space``.
 
     ``stream`` is a :class:`~autocompress.data.TokenStream` or a 1-D LongTensor. For every
@@ -255,13 +265,19 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     ``calibration`` (a :class:`~autocompress.run_calibration.CalibrationSet`) supplies the
     GPTQ Hessians and Wanda norms; without it they come from the measured rows themselves.
     ``stats_store`` (a dict) receives every block's statistics and GPTQ codes, for a search in
-    the same process to reuse (``SwapEvaluator.reuse_stats``) instead of computing them again.
-    The model is left as it was.
+    the same process to reuse (``SwapEvaluator.reuse_stats``) instead of computing them again;
+    ``code_cache`` (a :class:`~autocompress.compress.code_cache.CodeCache` for the calibration
+    rows) keeps the GPTQ codes on disk for later processes.
+    When ``loaded.tokenizer`` adds BOS, every measured row starts with it (never scored; see
+    :mod:`autocompress.data`). The model is left as it was.
     """
+    from ..data import bos_id  # noqa: PLC0415
+
     started, cpu_started = time.perf_counter(), time.process_time()
     model = loaded.model
     tokens = getattr(stream, "tokens", stream)
-    rows = calibration_rows(tokens, settings)
+    bos = bos_id(loaded.tokenizer)
+    rows = calibration_rows(tokens, settings, bos)
     refs = unit_refs(model, space)
     if not refs:
         raise UserError(f"search space {space.name!r} leaves no unit of this model unfrozen")
@@ -280,7 +296,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     needs_stats = any(needs_calibration(c, {p: c for p in adapter.linears.values()}) for _, c in probes)
     calib_rows = calibration.rows if calibration is not None else rows
     stats_source = BlockStatsSource(model, calib_rows if needs_stats else None, settings.batch_size,
-                                    [c for _, c in probes], stats_store)
+                                    [c for _, c in probes], stats_store, code_cache)
 
     squared = {}
     if settings.proxies:
@@ -312,7 +328,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
                   "space_source": space.source}
     if settings.roles:
         with _timed("roles", timings, cpu):
-            role_curves = _probe_roles(loaded, trace, tokens, settings, units, meta)
+            role_curves = _probe_roles(loaded, trace, tokens, settings, units, meta, bos)
     meta["timings"], meta["cpu_timings"] = timings, cpu
     meta["data_split"] = getattr(getattr(stream, "split", None), "value", None)
     if calibration is not None:
@@ -324,9 +340,9 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
         model=model_name or loaded.spec,
         model_fingerprint=model_fp or model_fingerprint(model),
         data=data_name or _describe_stream(stream),
-        data_fingerprint=data_fingerprint(tokens, settings),
+        data_fingerprint=data_fingerprint(tokens, settings, bos),
         space=space.name, space_fingerprint=space_fingerprint(space), granularity=space.granularity.value,
-        calibration_tokens=rows.numel(), base_loss=trace.reference.loss,
+        calibration_tokens=rows.shape[0] * settings.seq_len, base_loss=trace.reference.loss,
         choices={label: choice.to_json() for label, choice in probes + space.embedding_choices()},
         units=units, additivity=additivity, extra_units=extra_units,
         proxy_spearman=proxy_correlations(units, [label for label, _ in probes]) if settings.proxies else {},
@@ -372,23 +388,36 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
     one that differs is refused with a message naming the difference, unless ``force``.
     ``granularity`` ("block" or "linear") overrides the space's.
     """
-    from ..data import Split, load_tokens  # noqa: PLC0415
+    from ..data import Split, bos_id, load_tokens  # noqa: PLC0415
     from ..models import load_model  # noqa: PLC0415
+    from ..compress.code_cache import CodeCache  # noqa: PLC0415
     from ..run_calibration import load_calibration, save_calibration  # noqa: PLC0415
 
+    # Settings and space first: a run directory is only written once everything is known to fit.
+    if settings.tokens < settings.seq_len:
+        raise UserError(f"--tokens {settings.tokens} is less than one sequence of --seq-len {settings.seq_len}; "
+                        f"raise --tokens or lower --seq-len")
+    if settings.calib_tokens < settings.calib_seq_len:
+        raise UserError(f"--calib-tokens {settings.calib_tokens} is less than one row of --calib-seq-len "
+                        f"{settings.calib_seq_len}; raise --calib-tokens or lower --calib-seq-len")
     space = resolve_space(space, granularity)
     loaded = load_model(model_spec, trust_remote_code=trust_remote_code)
+    if not unit_refs(loaded.model, space):
+        raise UserError(f"search space {space.name!r} leaves no unit of {model_spec} unfrozen; "
+                        f"remove some 'frozen' entries")
     wanted = max(settings.tokens, settings.role_tokens if settings.roles else 0)
     stream = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, wanted)
+    bos = bos_id(loaded.tokenizer)
     model_fp = model_fingerprint(loaded.model)
     path = Path(out_dir) / "profile.json"
     if path.exists() and not force:
         existing = Profile.load(path)
         try:
-            existing.check_matches(model_fp, data_fingerprint(stream.tokens, settings), space_fingerprint(space),
+            existing.check_matches(model_fp, data_fingerprint(stream.tokens, settings, bos), space_fingerprint(space),
                                    path=path)
             recorded = existing.meta.get("calibration", {})
-            expected = (settings.calibration, settings.calib_tokens // settings.calib_seq_len, settings.calib_seq_len)
+            row_length = settings.calib_seq_len + (bos is not None)  # the recorded length counts BOS
+            expected = (settings.calibration, settings.calib_tokens // settings.calib_seq_len, row_length)
             if (recorded.get("mode"), recorded.get("rows"), recorded.get("seq_len")) != expected:
                 raise UserError(f"{path} was made with other calibration rows ({recorded or 'none'})")
             load_calibration(out_dir, recorded.get("fingerprint"))
@@ -398,7 +427,8 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
     calibration = choose_calibration(loaded, data, settings)
     save_calibration(out_dir, calibration)  # first: other processes may calibrate on it meanwhile
     profile = profile_model(loaded, stream, space, settings, model_name=model_spec,
-                            data_name=data, model_fp=model_fp, calibration=calibration)
+                            data_name=data, model_fp=model_fp, calibration=calibration,
+                            code_cache=CodeCache.for_run(out_dir, model_fp, calibration.rows))
     profile.save(path)
     return ProfileOutcome(profile, path, False)
 
@@ -406,7 +436,7 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
 def choose_calibration(loaded: LoadedModel, data: str, settings: ProfileSettings):
     """The run's calibration rows from the calibration split (see :mod:`autocompress.calibration`)."""
     from ..calibration import calibration_rows, pool_tokens  # noqa: PLC0415
-    from ..data import Split, load_tokens  # noqa: PLC0415
+    from ..data import Split, bos_id, load_tokens  # noqa: PLC0415
     from ..run_calibration import CalibrationSet  # noqa: PLC0415
 
     if settings.calib_tokens < settings.calib_seq_len:
@@ -419,7 +449,7 @@ def choose_calibration(loaded: LoadedModel, data: str, settings: ProfileSettings
     except UserError:  # a small split: draw from all of it (too small for the rows themselves is refused below)
         pool = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, None).tokens
     rows = calibration_rows(settings.calibration, pool, count, settings.calib_seq_len, model=loaded.model,
-                            seed=settings.seed)
+                            seed=settings.seed, bos=bos_id(loaded.tokenizer))
     return CalibrationSet(rows, settings.calibration, int(pool.numel()))
 
 

@@ -92,6 +92,11 @@ def load_run(run_dir: str | Path) -> Run:
             setattr(run, attr, reader(path))
         except UserError as exc:
             run.missing[name] = f"{name} could not be read: {exc}"
+    if run.profile and run.search and run.search.model_fingerprint != run.profile.model_fingerprint:
+        run.missing["search.json"] = (f"search.json was made for another model ({run.search.model_fingerprint}) "
+                                      f"than profile.json ({run.profile.model_fingerprint}); re-run "
+                                      f"`autocompress search`")
+        run.search = None
     return run
 
 # --- summary and tables ----------------------------------------------------------------------

@@ -238,6 +238,24 @@ def staged_figure(info: StagedInfo) -> go.Figure:
     return styled(fig, height=520)
 
 
+def _escaped_copy(study):
+    """An in-memory copy of ``study``'s finished trials with every parameter name passed through :func:`label`.
+
+    Parameter names are unit names, from the model; Optuna writes them into its figures' text
+    and hover boxes as they are, where plotly would render their markup.
+    """
+    import optuna  # noqa: PLC0415
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    copy = optuna.create_study(directions=study.directions)
+    copy.add_trials([optuna.trial.create_trial(
+        state=t.state, values=t.values if t.state == optuna.trial.TrialState.COMPLETE else None,
+        params={label(name): value for name, value in t.params.items()},
+        distributions={label(name): d for name, d in t.distributions.items()})
+        for t in study.get_trials(deepcopy=False, states=finished)])
+    return copy
+
+
 def optuna_figures(storage: str, study_name: str) -> dict[str, go.Figure | str]:
     """Optuna's optimisation history and parameter importances of the stored study.
 
@@ -253,7 +271,7 @@ def optuna_figures(storage: str, study_name: str) -> dict[str, go.Figure | str]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         opened = storage if "://" in storage else JournalStorage(JournalFileBackend(storage))
-        study = optuna.load_study(study_name=study_name, storage=opened)
+        study = _escaped_copy(optuna.load_study(study_name=study_name, storage=opened))
         kwargs = {}
         if len(study.directions) > 1:
             kwargs = dict(target=lambda t: t.values[0], target_name="objective 0")

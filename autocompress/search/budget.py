@@ -78,6 +78,31 @@ def _split_specs(specs: list[str] | str) -> list[str]:
     return parts
 
 
+def _kinds(parts: list[str]) -> list[tuple[str, str, str]]:
+    """(spec, kind, value) of each spec; an unknown or repeated kind is a UserError."""
+    out, seen = [], set()
+    for part in parts:
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in _FIGURE:
+            raise UserError(f"budget {part!r}: unknown kind {key!r}; {_HELP}")
+        if key in seen:
+            raise UserError(f"budget {part!r}: {key} is given twice; give each kind once")
+        seen.add(key)
+        out.append((part, key, value.strip().lower()))
+    return out
+
+
+def check_specs(specs: list[str] | str) -> None:
+    """Refuse malformed budget specs before any model is loaded (:meth:`Budget.parse` resolves
+    them against the model later); one :class:`UserError` line names the spec."""
+    parts = _split_specs(specs)
+    for part, key, value in _kinds(parts):
+        _resolve(key, value, part, dict.fromkeys(_RAW_INDEX, 1.0))
+        if key == "latency" and "@" in value:
+            device_named(value.rpartition("@")[2])
+
+
 @dataclass
 class Budget:
     """Limits plus the cost model that prices schedules against them."""
@@ -107,16 +132,8 @@ class Budget:
             cost_model = CostModel(memory_model, device=device, batch=cost_model.batch if cost_model else batch,
                                    context=cost_model.context if cost_model else context, measure=measure_latency)
         original = cost_model.original()
-        limits, seen = [], set()
-        for part in parts:
-            key, sep, value = part.partition("=")
-            key = key.strip().lower()
-            if not sep or key not in _FIGURE:
-                raise UserError(f"budget {part!r}: unknown kind {key!r}; {_HELP}")
-            if key in seen:
-                raise UserError(f"budget {part!r}: {key} is given twice; give each kind once")
-            seen.add(key)
-            limits.append(Limit(key, part, _FIGURE[key], _resolve(key, value.strip().lower(), part, original)))
+        limits = [Limit(key, part, _FIGURE[key], _resolve(key, value, part, original))
+                  for part, key, value in _kinds(parts)]
         return cls(limits, cost_model, original)
 
     @property
@@ -165,7 +182,8 @@ class Budget:
             if figures[limit.figure] > limit.value * (1 + 1e-12):
                 raise UserError(f"budget {limit.spec} cannot be met with this search space: the smallest it reaches "
                                 f"is {limit.kind}={limit.describe(figures[limit.figure])} "
-                                f"(limit {limit.describe(limit.value)})")
+                                f"(limit {limit.describe(limit.value)}); raise the limit or search a space with "
+                                f"smaller choices")
 
     def to_json(self) -> dict:
         """Specs, resolved limits and the original model's figures."""
@@ -185,7 +203,7 @@ def _resolve(key: str, value: str, spec: str, original: dict[str, float]) -> flo
     if value.endswith("%"):
         percent = _number(value[:-1], spec)
         if percent > 100:
-            raise UserError(f"budget {spec!r}: a percentage above 100 is no budget")
+            raise UserError(f"budget {spec!r}: a percentage above 100 is no budget; give at most 100%")
         return percent / 100.0 * original[_FIGURE[key]]
     units = _SIZE_UNITS if key == "memory" else _COUNT_UNITS
     match = re.fullmatch(r"([0-9.eE+-]+)\s*([a-z]*)", value)

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..compress.apply import block_stats, compress_block, needs_calibration
 from ..compress.calibrate import BlockInputs, capture_block_inputs, run_block
+from ..compress.code_cache import CodeCache
 from ..compress.prune import set_submodule
 from ..compress.quant_embedding import embedding_replacements
 from ..models import adapter_for
@@ -46,7 +47,7 @@ class SwapEvaluator:
     """Quality of slot picks on held-aside windows, by swapping cached compressed blocks."""
 
     def __init__(self, model: nn.Module, slots: list[Slot], holdout: torch.Tensor, calibration: torch.Tensor | None,
-                 *, batch_size: int = 2, max_cached: int = 1024):
+                 *, batch_size: int = 2, max_cached: int = 1024, code_cache: CodeCache | None = None):
         self.model = model
         self.slots = slots
         self.adapter = adapter_for(model)
@@ -56,6 +57,7 @@ class SwapEvaluator:
         self.calibration = calibration  # [rows, seq] or None
         self.batch_size = batch_size
         self.max_cached = max_cached
+        self.code_cache = code_cache  # the run's GPTQ codes on disk, for these calibration rows
         self.cache: OrderedDict = OrderedDict()
         self.compressions = 0
         self._inputs: list[BlockInputs] | None = None
@@ -87,7 +89,7 @@ class SwapEvaluator:
         """An evaluator of the same slots on other windows that shares this one's compressed
         blocks, statistics and calibration inputs (e.g. the evaluation split, for what ships)."""
         other = SwapEvaluator(self.model, self.slots, holdout, self.calibration, batch_size=self.batch_size,
-                              max_cached=self.max_cached)
+                              max_cached=self.max_cached, code_cache=self.code_cache)
         other.cache, other._stats, other._inputs = self.cache, self._stats, self._inputs
         return other
 
@@ -101,7 +103,8 @@ class SwapEvaluator:
         if index not in self._stats:
             choices = [option.choice for slot in self._slots_of_block.get(index, []) for option in slot.options]
             self._stats[index] = block_stats(self.originals[index], self.model, self._block_inputs(index),
-                                             batch_size=self.batch_size, choices=choices)
+                                             batch_size=self.batch_size, choices=choices,
+                                             cache=self.code_cache, index=index)
         return self._stats[index]
 
     def _plan(self, index: int, picks: dict[str, str]) -> tuple[Choice, dict[str, Choice]] | None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import read_artifact, write_artifact
+from ..artifacts import read_artifact, type_error, write_artifact
 from ..errors import UserError
 
 SEARCH_TYPE = "search"
@@ -92,7 +92,9 @@ class SearchResult:
 
     @classmethod
     def from_json(cls, data: Any, path: str | os.PathLike = "search.json") -> SearchResult:
-        """Strict inverse of :meth:`to_json`."""
+        """Strict inverse of :meth:`to_json`: a missing field, an unknown one or a wrong type names it."""
+        if (error := type_error(data, cls, "search")) is not None:
+            raise UserError(f"{path}: not a valid search result ({error}); re-run `autocompress search`")
         try:
             trials = [TrialRecord(**t) for t in data["trials"]]
             rest = {k: v for k, v in data.items() if k != "trials"}

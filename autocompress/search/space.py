@@ -266,8 +266,13 @@ def load_space(spec: str) -> SearchSpace:
     path = Path(spec)
     if spec.endswith((".yaml", ".yml")) or path.exists():
         if not path.is_file():
-            raise UserError(f"search space file {spec!r} not found")
-        text, source = path.read_text(), str(path)
+            raise UserError(f"search space file {spec!r} not found; give a YAML file or one of "
+                            f"{', '.join(builtin_spaces())}")
+        source = str(path)
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start}); give a YAML file") from None
     elif spec in builtin_spaces():
         text = (importlib.resources.files("autocompress.search_spaces") / f"{spec}.yaml").read_text()
         source = f"{spec}.yaml"
@@ -276,7 +281,10 @@ def load_space(spec: str) -> SearchSpace:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UserError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{source}: not valid YAML{where} ({problem}); fix the file") from None
     return space_from_dict(data, source)
 
 

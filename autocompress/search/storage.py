@@ -42,7 +42,8 @@ def open_storage(url: str):
     except (ImportError, ModuleNotFoundError) as exc:
         raise UserError(f"storage {url!r} needs a database driver that is not installed ({exc})") from None
     except Exception as exc:  # SQLAlchemy's errors for bad URLs and unreachable servers
-        raise UserError(f"cannot open storage {url!r}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot open storage {url!r}: {str(exc).splitlines()[0]}; check the URL, or move a "
+                        f"damaged database aside and give another --storage") from None
 
 
 def _fast_sqlite(engine) -> None:

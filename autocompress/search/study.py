@@ -106,6 +106,7 @@ class Context:
     holdout: Any
     calibration: Any
     holdout_meta: dict
+    code_cache: Any = None
     _evaluator: Any = None
 
     @property
@@ -114,7 +115,8 @@ class Context:
         if self._evaluator is None:
             from .measure import SwapEvaluator  # noqa: PLC0415
 
-            self._evaluator = SwapEvaluator(self.model, self.slots, self.holdout, self.calibration)
+            self._evaluator = SwapEvaluator(self.model, self.slots, self.holdout, self.calibration,
+                                            code_cache=self.code_cache)
         return self._evaluator
 
     def index_picks(self, picks: dict[str, str]) -> list[int]:
@@ -135,8 +137,9 @@ def prepare(settings: SearchSettings, *, model=None, tokenizer=None, holdout=Non
     """Read the profile, load model and tokens, build slots and prices; refuse infeasible budgets."""
     import torch  # noqa: PLC0415
 
+    from ..compress.code_cache import CodeCache  # noqa: PLC0415
     from ..compress.memory import MemoryModel  # noqa: PLC0415
-    from ..data import load_tokens  # noqa: PLC0415
+    from ..data import bos_id, load_tokens  # noqa: PLC0415
     from ..evaluate import windows  # noqa: PLC0415
     from ..models import load_model, model_fingerprint  # noqa: PLC0415
     from ..profile.artifact import Profile  # noqa: PLC0415
@@ -174,23 +177,26 @@ def prepare(settings: SearchSettings, *, model=None, tokenizer=None, holdout=Non
     start = max(profile.calibration_tokens, run_calibration.span if run_calibration is not None else 0)
     holdout_meta = {"data": data, "split": "calibration", "start": start,
                     "tokens": settings.holdout_tokens, "window": settings.window}
+    bos = bos_id(tokenizer)  # every window starts with BOS when the tokenizer adds one
     if holdout is None:
         stream = load_tokens(data, tokenizer, "calibration", settings.holdout_tokens, start=start)
         holdout = stream.tokens
     if holdout.dim() == 1:
-        holdout = windows(holdout, settings.window)
+        holdout = windows(holdout, settings.window, bos)
+    code_cache = None
     if calibration is None and run_calibration is not None:
         calibration = run_calibration.rows
+        code_cache = CodeCache.for_run(run, fingerprint, calibration)
     if calibration is None and tokenizer is not None:
         count = min(settings.calibration_tokens or profile.calibration_tokens, profile.calibration_tokens)
         stream = load_tokens(data, tokenizer, "calibration", max(count, settings.window))
-        calibration = windows(stream.tokens, settings.window)
+        calibration = windows(stream.tokens, settings.window, bos)
     if calibration is not None and calibration.dim() == 1:
-        calibration = windows(calibration, settings.window)
-    holdout_meta["tokens"] = int(holdout.numel())
+        calibration = windows(calibration, settings.window, bos)
+    holdout_meta["tokens"] = int(holdout.numel()) - (holdout.shape[0] if bos is not None else 0)  # text tokens
     torch.manual_seed(settings.seed)
     return Context(settings, profile, model, profile.model, fingerprint, space, slots, budget, base, tables,
-                   predictor.option_values(), predictor, holdout, calibration, holdout_meta)
+                   predictor.option_values(), predictor, holdout, calibration, holdout_meta, code_cache)
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,6 +440,9 @@ def search(settings: SearchSettings, *, model=None, tokenizer=None, holdout=None
     start = time.perf_counter()
     if settings.trials < 1:
         raise UserError("--trials must be at least 1")
+    if settings.holdout_tokens < settings.window:
+        raise UserError(f"--holdout-tokens {settings.holdout_tokens} is less than one --window of {settings.window}; "
+                        f"raise --holdout-tokens or lower --window")
     ctx = prepare(settings, model=model, tokenizer=tokenizer, holdout=holdout, calibration=calibration)
     if evaluator is not None:
         ctx._evaluator = evaluator

@@ -34,9 +34,11 @@ DEPTH_WEIGHT = 1.0
 _FLOOR = 1e-4  # influence below this is noise; also keeps log finite
 
 
-def block_signature(model, tokens: torch.Tensor, *, seq_len: int = 256, rows: int = 4) -> list[float]:
+def block_signature(model, tokens: torch.Tensor, *, seq_len: int = 256, rows: int = 4,
+                    bos: int | None = None) -> list[float]:
     """Block influence of every decoder block of ``model`` on ``rows`` windows of ``seq_len`` of
-    ``tokens`` (1-D ids), from one forward pass with hooks on the blocks."""
+    ``tokens`` (1-D ids; each window BOS first with the tokenizer's ``bos`` id), from one
+    forward pass with hooks on the blocks."""
     from ..compress.calibrate import block_output, token_batch  # noqa: PLC0415
     from ..models import adapter_for  # noqa: PLC0415
 
@@ -44,7 +46,7 @@ def block_signature(model, tokens: torch.Tensor, *, seq_len: int = 256, rows: in
     if not blocks:
         raise UserError("the model has no decoder blocks; transfer needs a decoder-only transformer")
     seq_len = max(1, min(seq_len, tokens.numel()))
-    batch = token_batch(tokens, seq_len, min(rows, max(1, tokens.numel() // seq_len)))
+    batch = token_batch(tokens, seq_len, min(rows, max(1, tokens.numel() // seq_len)), bos=bos)
     sums = [0.0] * len(blocks)
 
     def make_hook(index: int):

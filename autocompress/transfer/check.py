@@ -72,13 +72,14 @@ def exchanges(schedule: Schedule, model, budget, space, losses: LossTable, count
     return out
 
 
-def check_rows(model, tokens: torch.Tensor, window: int = CHECK_WINDOW) -> torch.Tensor:
+def check_rows(model, tokens: torch.Tensor, window: int = CHECK_WINDOW, bos: int | None = None) -> torch.Tensor:
     """``tokens`` (1-D) cut into rows of ``window`` tokens, or shorter where the model's context
-    or the tokens are."""
+    or the tokens are; each row BOS first with the tokenizer's ``bos`` id (within the context)."""
     from ..compress.calibrate import token_batch  # noqa: PLC0415
 
-    context = getattr(model.config, "max_position_embeddings", None) or window
-    return token_batch(tokens.reshape(-1), min(window, context, tokens.numel()))
+    context = getattr(model.config, "max_position_embeddings", None) or window + 1
+    room = context - (bos is not None)
+    return token_batch(tokens.reshape(-1), min(window, room, tokens.numel()), bos=bos)
 
 
 def check_transfer(candidates: list[Schedule], model, space, rows: torch.Tensor) -> list[dict[str, float] | None]:
@@ -106,11 +107,13 @@ def distinct(schedules: list[Schedule]) -> list[Schedule]:
 
 
 def pick_checked(schedule: Schedule, model, budget, space, losses: LossTable, tokens: torch.Tensor, *,
-                 count: int = 6, memory=None, others: list[Schedule] = ()) -> tuple[Schedule, dict]:
+                 count: int = 6, memory=None, others: list[Schedule] = (),
+                 bos: int | None = None) -> tuple[Schedule, dict]:
     """The transfer, one of its :func:`exchanges` or one of ``others`` (e.g. its neighbours:
     one slot up, one down), whichever measures the lowest KL on ``tokens``; and the record for
     ``meta["transfer"]["check"]``. Only ``others`` with exactly the transfer's bytes are tried,
-    so the budget stays met as exactly as repair met it."""
+    so the budget stays met as exactly as repair met it. ``bos``: the tokenizer's BOS id, put
+    before every window."""
     from ..compress.memory import MemoryModel  # noqa: PLC0415
 
     memory = memory or MemoryModel.from_model(model)
@@ -118,11 +121,11 @@ def pick_checked(schedule: Schedule, model, budget, space, losses: LossTable, to
     candidates = [schedule] + exchanges(schedule, model, budget, space, losses, count, memory=memory)
     candidates += [o for o in others if memory.schedule_bytes(o) == size and budget.fits(o)]
     candidates = distinct(candidates)
-    rows = check_rows(model, tokens)
+    rows = check_rows(model, tokens, bos=bos)
     measured = check_transfer(candidates, model, space, rows)
     scored = [(m["kl"], i) for i, m in enumerate(measured) if m is not None]
     best = min(scored)[1] if scored else 0
-    record = {"tokens": int(tokens.numel()), "window": rows.shape[1], "chosen": best,
+    record = {"tokens": int(tokens.numel()), "window": rows.shape[1] - (bos is not None), "chosen": best,
               "candidates": [{"changed": _changes(schedule, c), **({k: round(v, 6) for k, v in m.items()}
                                                                   if m is not None else {})}
                              for c, m in zip(candidates, measured)]}

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..artifacts import type_error
 from ..errors import UserError
 from ..schedule import Choice, Schedule
 
@@ -120,6 +121,48 @@ def profile_summary(profile, coordinates: dict[str, UnitCoordinates] | None = No
                       "kl": {label: (v / scale if math.isfinite(v) else None) for label, v in unit.kl.items()}})
     return {"model_fingerprint": profile.model_fingerprint, "labels": profile.labels(),
             "choices": profile.choices, "scale": scale, "units": units}
+
+
+@dataclass(frozen=True)
+class _SourceModel:
+    """``meta["source_model"]`` as read back (fields optional: only their types are checked)."""
+
+    family: str | None = None
+    blocks: int | None = None
+    hidden: int | None = None
+    parameters: int | None = None
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class _SummaryUnit:
+    """One unit of ``meta["source_profile"]`` (see :func:`profile_summary`)."""
+
+    role: str
+    relative_depth: float
+    kl: dict[str, float | None]
+    name: str = ""
+    relative_size: float = 1.0  # summaries written before sizes were stored have none
+
+
+@dataclass(frozen=True)
+class _Summary:
+    """``meta["source_profile"]`` as read back."""
+
+    units: list[_SummaryUnit]
+    model_fingerprint: str = ""
+    labels: list[str] = dataclasses.field(default_factory=list)
+    choices: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scale: float = 1.0
+
+
+def check_source_meta(schedule: Schedule, where: str = "schedule") -> None:
+    """Refuse (one-line :class:`UserError`) a schedule whose ``meta`` fields that transfer reads
+    (``source_model``, ``source_profile``, ``agnostic``) hold the wrong types."""
+    for key, hint in (("source_model", _SourceModel), ("source_profile", _Summary)):
+        if key in schedule.meta and (error := type_error(schedule.meta[key], hint, f"meta.{key}")) is not None:
+            raise UserError(f"{where}: {error}; re-run `autocompress search` or fix the file")
+    agnostic_choices(schedule, where)
 
 
 def describe(schedule: Schedule, model, profile=None, *, signature: list[float] | None = None) -> Schedule:

@@ -24,8 +24,8 @@ from ..errors import UserError
 from ..schedule import Choice, QuantMethod, Schedule
 from .alignment import align_blocks, block_signature, signature_from_profile
 from .check import distinct, exchanges, pick_checked
-from .coordinates import (BLOCK_ROLE, HEAD_ROLE, AgnosticChoice, agnostic_choices, describe, model_coordinates,
-                          model_shape, relative_depth)
+from .coordinates import (BLOCK_ROLE, HEAD_ROLE, AgnosticChoice, agnostic_choices, check_source_meta, describe,
+                          model_coordinates, model_shape, relative_depth)
 from .repair import candidate_choices, repair, snap
 from .sensitivity import (FUSED, SPLIT, LossTable, from_choices, from_predictor, from_profile, from_summary,
                           interpolate_over_depth)
@@ -39,7 +39,9 @@ def load_source(source: str | Path) -> Schedule:
     if not path.is_file():
         raise UserError(f"{source}: no schedule found; give a schedule.json or a run directory with one "
                         f"(written by `autocompress search`)")
-    return Schedule.load(path)
+    schedule = Schedule.load(path)
+    check_source_meta(schedule, str(path))
+    return schedule
 
 
 def _matching(role: str, entries: list[AgnosticChoice]) -> list[AgnosticChoice]:
@@ -142,17 +144,19 @@ def source_signature(schedule: Schedule) -> list[float] | None:
 
 
 def aligned_coordinates(source_schedule: Schedule, target_model, *, signature_tokens=None,
-                        target_signature: list[float] | None = None) -> tuple[dict, dict]:
+                        target_signature: list[float] | None = None, bos: int | None = None) -> tuple[dict, dict]:
     """The target's coordinates with each block's relative depth replaced by that of the source
     block it aligns to (:mod:`.alignment`), and a record of how: ``{"by": "block_influence",
     "source_blocks": [...], "target_signature": [...]}`` or ``{"by": "relative_depth"}`` when the
     source schedule holds no signature or neither ``signature_tokens`` nor ``target_signature``
-    is given."""
+    is given. ``bos``: the target tokenizer's BOS id, put before every signature window."""
     coordinates = model_coordinates(target_model)
     source = source_signature(source_schedule)
     if source is None or (signature_tokens is None and target_signature is None):
         return coordinates, {"by": "relative_depth"}
-    target = target_signature if target_signature is not None else block_signature(target_model, signature_tokens)
+    target = target_signature
+    if target is None:
+        target = block_signature(target_model, signature_tokens, bos=bos)
     blocks = 1 + max(c.block for c in coordinates.values())
     if len(target) != blocks:
         raise UserError(f"target signature has {len(target)} values for {blocks} blocks")
@@ -166,7 +170,7 @@ def aligned_coordinates(source_schedule: Schedule, target_model, *, signature_to
 
 def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=None, profile=None,
                       predictor=None, signature_tokens=None, target_signature: list[float] | None = None,
-                      check_tokens=None, check_count: int = 6) -> Schedule:
+                      check_tokens=None, check_count: int = 6, bos: int | None = None) -> Schedule:
     """Map ``source_schedule`` onto ``target_model`` and repair it to meet ``budget`` exactly.
 
     ``space`` (a :class:`~autocompress.search.space.SearchSpace`) says which choices the target
@@ -186,7 +190,9 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
     ``check_count`` best-ranked exchanges (two same-size slots trading choices, see
     :mod:`.check`) and a third as many byte-neutral :func:`neighbours` (one slot up, one down)
     are measured end to end on them, and the lowest KL is kept;
-    ``meta["transfer"]["check"]`` lists what was measured.
+    ``meta["transfer"]["check"]`` lists what was measured. ``bos`` is the target tokenizer's
+    BOS id when it adds one (:func:`~autocompress.data.bos_id`): the signature and check
+    windows then start with it.
     """
     from ..compress.memory import MemoryModel  # noqa: PLC0415
     from ..models import adapter_for, model_fingerprint  # noqa: PLC0415
@@ -197,7 +203,7 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
         if signature_tokens is None and target_signature is None:
             target_signature = signature_from_profile(profile)  # measured already: free
     coordinates, alignment = aligned_coordinates(source_schedule, target_model, signature_tokens=signature_tokens,
-                                                 target_signature=target_signature)
+                                                 target_signature=target_signature, bos=bos)
     entries = agnostic_choices(source_schedule)
     space = space or _default_space(entries)
     units = space.units(target_model)
@@ -229,7 +235,7 @@ def transfer_schedule(source_schedule: Schedule, target_model, budget, *, space=
     if check_tokens is not None:
         others = neighbours(repaired, target_model, budget, space, losses, max(1, check_count // 3))
         repaired, check = pick_checked(repaired, target_model, budget, space, losses, check_tokens,
-                                       count=check_count, memory=memory, others=others)
+                                       count=check_count, memory=memory, others=others, bos=bos)
     result = describe(repaired, target_model, profile, signature=alignment.get("target_signature"))
     source_model = source_schedule.meta.get("source_model", {})
     meta = dict(result.meta)
