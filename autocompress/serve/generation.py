@@ -22,6 +22,16 @@ from .routing import Arm
 from .scoring import ShadowJob
 
 
+def post(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """Run ``callback(*args)`` on ``loop`` from the engine thread; a loop already closed (the
+    server has shut down while the engine finished a step) has no one left to tell."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        if not loop.is_closed():
+            raise
+
+
 @dataclass
 class Delta:
     """New text for the client, and the arm that produced it."""
@@ -91,7 +101,7 @@ class _Attempt:
 
     def sink(self, event) -> None:
         """Called by the engine thread with each event; hands it to the event loop, time-stamped."""
-        self.loop.call_soon_threadsafe(self._arrive, event)
+        post(self.loop, self._arrive, event)
 
     def _arrive(self, event) -> None:
         self.queue.put_nowait((self.loop.time(), event))
@@ -181,7 +191,7 @@ async def generate(controller: Controller, tokenizer, eos: dict, prompt: list[in
             if shadow:
                 logprobs = torch.stack(attempt.job.logprobs[:len(tokens)])
                 job = ShadowJob(prompt, tokens, logprobs,
-                                lambda score: loop.call_soon_threadsafe(controller.record_shadow, score))
+                                lambda score: post(loop, controller.record_shadow, score))
                 if not engine.submit_shadow(job):
                     controller.record({"type": "shadow_dropped"})
             tail = text.flush()
