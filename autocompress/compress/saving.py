@@ -16,6 +16,7 @@ No pickle is involved anywhere: weights are safetensors, metadata JSON.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -93,12 +94,34 @@ def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, aliases
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False
+    where the system or the file system cannot."""
+    try:
+        import ctypes  # noqa: PLC0415
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
 def save_compressed(model: nn.Module, tokenizer, schedule: Schedule | None, out_dir: str | os.PathLike, *,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, artifacts: dict[str, tuple[str, int, dict]] | None = None) -> Path:
     """Write a compressed model directory; a failure leaves no partial ``out_dir``.
 
     Everything is written into a temporary sibling directory that is renamed into place at
-    the end. An existing ``out_dir`` is refused unless ``overwrite``.
+    the end (swapped with an existing ``out_dir`` in one step where the system can), so a
+    reader, or a process killed at any point, sees the old directory or the new one whole.
+    An existing ``out_dir`` is refused unless ``overwrite``. ``artifacts`` (file name ->
+    (type, version, data)) are written into the directory too, committed with the weights.
 
     Example::
 
@@ -127,11 +150,16 @@ def save_compressed(model: nn.Module, tokenizer, schedule: Schedule | None, out_
         record = structure_record(model)
         record["aliases"] = aliases
         write_artifact(staging / "autocompress.json", RECORD_TYPE, RECORD_VERSION, record)
+        for name, (kind, version, data) in (artifacts or {}).items():
+            write_artifact(staging / name, kind, version, data)
         if out_dir.exists():
-            trash = out_dir.with_name(f".{out_dir.name}.old")
-            os.replace(out_dir, trash)
-            os.replace(staging, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
+            if not _exchange(staging, out_dir):  # two renames: a short window without out_dir
+                trash = out_dir.with_name(f".{out_dir.name}.old")
+                shutil.rmtree(trash, ignore_errors=True)  # left by a process killed here before
+                os.replace(out_dir, trash)
+                os.replace(staging, out_dir)
+                shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)  # the old directory, after an exchange
         else:
             os.replace(staging, out_dir)
     except BaseException as exc:

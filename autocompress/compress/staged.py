@@ -22,7 +22,8 @@ NVIDIA's Minitron and DistilBERT compress in steps and distill after each. Here:
 4. After every step the model is checkpointed to ``RUN/staged/model`` (safetensors, via
    :func:`~autocompress.compress.saving.save_compressed`) and the history to
    ``RUN/staged.json``; ``resume=True`` continues an interrupted run from the last completed
-   step.
+   step. The checkpoint holds its own copy of the state, renamed into place with the weights,
+   so a run killed between the two writes resumes from the checkpoint's step.
 
 Dropped blocks stay in place as identities while staging (so block indices, calibration and
 the distillation's hidden-state taps line up with the original); they are removed for
@@ -77,6 +78,7 @@ __all__ = ["Recovery", "Quality", "Gates", "StagedConfig", "StepRecord", "Staged
 STAGED_TYPE = "staged"
 STAGED_VERSION = 1
 CHECKPOINT = Path("staged") / "model"
+STATE_COPY = "staged.json"  # the state as of the checkpoint, inside it
 
 
 class Recovery(str, Enum):
@@ -406,7 +408,9 @@ def staged_apply(model: nn.Module, schedule: Schedule, calibration, validation, 
         state["current"] = _fmt(current)
         state["dropped"] = dropped_indices(student)
         with physically_dropped(student):
-            save_compressed(student, tokenizer, applied, run_dir / CHECKPOINT, overwrite=True)
+            # The state goes into the checkpoint too: one rename commits both (see _open_state).
+            save_compressed(student, tokenizer, applied, run_dir / CHECKPOINT, overwrite=True,
+                            artifacts={STATE_COPY: (STAGED_TYPE, STAGED_VERSION, state)})
         write_artifact(state_path, STAGED_TYPE, STAGED_VERSION, state)
         if on_step is not None:
             on_step(record)
@@ -479,8 +483,18 @@ def _open_state(state_path: Path, run_dir: Path, schedule: Schedule, fingerprint
     state = _load_state(state_path)
     if state["schedule"] != schedule_hash(schedule) or state["model"] != fingerprint:
         raise UserError(f"{state_path} belongs to another schedule or model; pass --restart to start over")
+    copy_path = run_dir / CHECKPOINT / STATE_COPY
+    if not state.get("complete") and copy_path.exists():
+        # Killed after a step's checkpoint was renamed into place, before staged.json was written:
+        # the checkpoint's own copy of the state is the one that matches its weights.
+        saved = _load_state(copy_path)
+        if len(saved["steps"]) > len(state["steps"]):
+            state = saved
     if state.get("complete"):
-        raise UserError(f"{state_path} records a completed staged run; pass --restart to run it again")
+        # Killed after the last step and before the model was saved: finish again from the
+        # checkpoint (the final recovery, if any, is redone from the same start).
+        state["complete"], state["final"] = False, None
+        state.pop("final_recovery", None)
     return state
 
 
