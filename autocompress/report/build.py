@@ -235,6 +235,36 @@ def _staged(run: data.Run) -> Section | None:
     return section
 
 
+def _rollout(run: data.Run) -> Section | None:
+    from . import rollout_info as ri  # noqa: PLC0415
+
+    path = ri.rollout_log(run.run_dir)
+    if path is None:
+        return None
+    section = Section("rollout", "Canary rollout (autocompress serve)",
+                      "The candidate served beside the original by `autocompress serve`, from its event log: the "
+                      "share of traffic sent to the candidate over time, the monitors of each stage (a stage is a "
+                      "stretch of constant share; latency, TTFT and tokens/s over its most recent 1000 requests "
+                      "per arm), the shadow scores of the candidate's completions by the original, and every "
+                      "promotion, failover, rollback and pause with its reason.")
+    info = ri.rollout_info(path)
+    section.body = "".join(missing_html(f"damaged event log: {problem}") for problem in info.problems[:20])
+    if len(info.problems) > 20:
+        section.body += missing_html(f"and {len(info.problems) - 20} more damaged lines")
+    if not info.stages:
+        section.missing = "the event log holds no usable event"
+        return section
+    section.body += (table_html(None, ri.summary_rows(info), align=False)
+                     + figure_html(figures.rollout_figure(info), "fig-rollout")
+                     + "<h3>Monitors per stage and arm</h3>" + table_html(ri.STAGE_HEADER, ri.stage_rows(info))
+                     + "<h3>Shadow scores per stage (the candidate's completions scored by the original)</h3>"
+                     + table_html(ri.SHADOW_HEADER, ri.shadow_rows(info)))
+    changes = ri.change_rows(info)
+    section.body += ("<h3>Promotions, failovers, rollbacks and pauses</h3>"
+                     + (table_html(ri.CHANGE_HEADER, changes) if changes else "<p>None.</p>"))
+    return section
+
+
 def _artifacts(run: data.Run) -> Section:
     names = ["profile.json", "search.json", "schedule.json", "eval.json", "eval_original.json", "staged.json"]
     rows = [(name, "missing" if name in run.missing else "read", run.missing.get(name, "")) for name in names]
@@ -243,10 +273,11 @@ def _artifacts(run: data.Run) -> Section:
 
 
 def build_sections(run: data.Run) -> list[Section]:
-    """Every section of the report, in page order (the staged history only when staged.json exists)."""
+    """Every section of the report, in page order (the staged history only when staged.json exists,
+    the rollout only when ``RUN/serve/events.jsonl`` does)."""
     sections = [_summary(run), _sensitivity(run), _roles(run), _schedule(run), _pareto(run),
                 *_optuna_sections(run), _prediction(run), _evaluation(run), _frontier(run), _staged(run),
-                _artifacts(run)]
+                _rollout(run), _artifacts(run)]
     return [s for s in sections if s is not None]
 
 

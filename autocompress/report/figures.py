@@ -310,3 +310,23 @@ def frontier_figure(info) -> go.Figure:
     fig.update_layout(xaxis_title="size as stored (MiB, every byte counted)", yaxis_title="perplexity",
                       yaxis=value_axis([p.perplexity for p in info.points]))
     return styled(fig)
+
+
+CHANGE_STYLE = {"promote": ("triangle-up", "#109618"), "failover": ("x", "#dc3912"),
+                "rollback": ("triangle-down", "#990099"), "pause": ("square", "#ff9900")}
+
+
+def rollout_figure(info) -> go.Figure:
+    """The candidate's share as steps over time, every promotion, failover, rollback and pause marked."""
+    fig = go.Figure(go.Scatter(x=info.share_t, y=info.share, mode="lines", line_shape="hv", name="canary share",
+                               hovertemplate="%{x:.1f} s<br>share %{y:g}%<extra></extra>"))
+    for kind, (symbol, color) in CHANGE_STYLE.items():
+        changes = [c for c in info.changes if c.kind == kind]
+        if changes:
+            fig.add_trace(go.Scatter(
+                x=[c.t for c in changes], y=[c.share for c in changes], mode="markers", name=kind,
+                marker=dict(symbol=symbol, size=12, color=color), text=[label(c.reason) for c in changes],
+                hovertemplate=f"{kind}<br>%{{x:.1f}} s<br>share after %{{y:g}}%<br>%{{text}}<extra></extra>"))
+    fig.update_layout(xaxis_title="seconds since the log began", yaxis_title="share of traffic to the candidate (%)",
+                      yaxis=dict(range=[-3, 103]))
+    return styled(fig, height=360)

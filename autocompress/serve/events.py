@@ -32,27 +32,50 @@ FILENAME = "events.jsonl"
 
 def read_events(path: str | Path) -> list[dict]:
     """Every complete event in the log at ``path``, checked; a torn last line is left out."""
+    events = []
+    for number, line in enumerate(_complete_lines(path), 1):
+        events.append(_parse(path, number, line))
+    return events
+
+
+def scan_events(path: str | Path) -> tuple[list[dict], list[str]]:
+    """Like :func:`read_events`, but a damaged line is skipped and named in the second list, not raised.
+
+    For readers that show a log (the report) rather than resume from it: one bad line must
+    not hide the rest.
+    """
+    events, problems = [], []
+    for number, line in enumerate(_complete_lines(path), 1):
+        try:
+            events.append(_parse(path, number, line))
+        except UserError as exc:
+            problems.append(str(exc))
+    return events, problems
+
+
+def _complete_lines(path: str | Path) -> list[str]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read the event log {path}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read the event log {path}: {getattr(exc, 'strerror', None) or exc}") from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     elif lines:
         lines.pop()  # no newline at the end: the process died while writing it
-    events = []
-    for number, line in enumerate(lines, 1):
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path} line {number} is not JSON; the event log is damaged") from None
-        if not isinstance(event, dict) or event.get("v") != VERSION or event.get("type") not in TYPES:
-            raise UserError(f"{path} line {number}: not an autocompress serve event of version {VERSION} "
-                            f"(type must be one of {', '.join(TYPES)})")
-        events.append(event)
-    return events
+    return lines
+
+
+def _parse(path: str | Path, number: int, line: str) -> dict:
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        raise UserError(f"{path} line {number} is not JSON; the event log is damaged") from None
+    if not isinstance(event, dict) or event.get("v") != VERSION or event.get("type") not in TYPES:
+        raise UserError(f"{path} line {number}: not an autocompress serve event of version {VERSION} "
+                        f"(type must be one of {', '.join(TYPES)})")
+    return event
 
 
 class EventLog:
