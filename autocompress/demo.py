@@ -61,14 +61,13 @@ def _evaluate_to(path: Path, spec: str, config: DemoConfig, reference=None):
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     """Run the whole job on the demo model; print a summary table and return its figures."""
+    from .artifacts import check_output  # noqa: PLC0415
     from .compress.apply_run import ApplyConfig, apply_run  # noqa: PLC0415
     from .errors import UserError  # noqa: PLC0415
     from .profile import ProfileSettings, profile_run  # noqa: PLC0415
     from .report import write_report  # noqa: PLC0415
-    from .search.study import SearchSettings, search  # noqa: PLC0415
-
-    from .artifacts import check_output  # noqa: PLC0415
     from .search.budget import check_specs  # noqa: PLC0415
+    from .search.study import SearchSettings, search  # noqa: PLC0415
 
     # Bad settings are refused before minutes of fetching, evaluating and profiling.
     seq_len = 256

@@ -336,7 +336,7 @@ def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cach
         run_size.mkdir(parents=True, exist_ok=True)
         for name in ("profile.json", CALIBRATION_FILE):
             shutil.copyfile(run / name, run_size / name)
-        if not (run_size / CODES_DIR).exists():  # the same rows: apply reads the profile's GPTQ codes
+        if not (run_size / CODES_DIR).exists():  # the same rows: search and apply read the profile's GPTQ codes
             (run / CODES_DIR).mkdir(exist_ok=True)
             (run_size / CODES_DIR).symlink_to((run / CODES_DIR).resolve(), target_is_directory=True)
         for stale in ("study.db", "study.db-wal", "study.db-shm", "search.json", "schedule.json"):
@@ -349,8 +349,7 @@ def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cach
             torch.set_num_threads(2)  # the other part has finished: both cores are ours
         if evaluator is None:
             evaluator = context.evaluator
-            evaluator.reuse_stats(store)
-            evaluator.code_cache = CodeCache.for_run(run, fingerprint, context.calibration)  # the profile's codes
+            evaluator.reuse_stats(store)  # RUN_SIZE/codes links to the profile's codes: prepare() found them
             # The same compressed blocks, measured on the evaluation windows: what apply would ship.
             on_eval = evaluator.on(windows(eval_tokens, 512))
         tick = time.perf_counter()

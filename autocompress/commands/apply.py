@@ -4,29 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_threads, add_trust_remote_code, non_negative_int, positive_int
+from .common import add_threads, add_trust_remote_code, bounded, non_negative_float, non_negative_int, positive_int
 
 
 def _fraction(text: str) -> float:
     """argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    """argparse type: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return bounded(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def register(verbs) -> None:
@@ -66,28 +49,28 @@ def register(verbs) -> None:
     staged.add_argument("--fade", action="store_true",
                         help="scale what a step removes (heads, channels, blocks) down to zero over its "
                              "distillation before cutting it; that distillation is the step's recovery")
-    staged.add_argument("--gate-kl", type=_non_negative, help="max KL-to-original increase per step")
-    staged.add_argument("--gate-ppl-increase", type=_non_negative, default=0.25,
+    staged.add_argument("--gate-kl", type=non_negative_float, help="max KL-to-original increase per step")
+    staged.add_argument("--gate-ppl-increase", type=non_negative_float, default=0.25,
                         help="max relative perplexity increase per step (default 0.25; 0 with --no-step-gate)")
     staged.add_argument("--no-step-gate", action="store_true", help="no per-step perplexity gate")
-    staged.add_argument("--total-kl", type=_non_negative, help="max KL to the original in total")
-    staged.add_argument("--total-ppl-increase", type=_non_negative, help="max relative perplexity increase in total")
+    staged.add_argument("--total-kl", type=non_negative_float, help="max KL to the original in total")
+    staged.add_argument("--total-ppl-increase", type=non_negative_float, help="max relative perplexity increase in total")
     staged.add_argument("--recovery", choices=["never", "on-failure", "always"], default="on-failure",
                         help="when to distill (default on-failure)")
     staged.add_argument("--recovery-steps", type=non_negative_int, default=100,
                         help="distillation steps per recovery (default 100)")
     staged.add_argument("--final-recovery-steps", type=non_negative_int, default=0,
                         help="distillation steps on the finished model (kept if it helps; default 0)")
-    staged.add_argument("--recovery-seconds", type=_non_negative, help="time limit per recovery")
-    staged.add_argument("--lr", type=_non_negative, default=5e-5, help="learning rate of dense weights and norms")
-    staged.add_argument("--lora-lr", type=_non_negative, default=1e-3, help="learning rate of LoRA adapters")
+    staged.add_argument("--recovery-seconds", type=non_negative_float, help="time limit per recovery")
+    staged.add_argument("--lr", type=non_negative_float, default=5e-5, help="learning rate of dense weights and norms")
+    staged.add_argument("--lora-lr", type=non_negative_float, default=1e-3, help="learning rate of LoRA adapters")
     staged.add_argument("--lora-rank", type=non_negative_int, default=8, help="LoRA rank on quantized layers (0: none)")
     staged.add_argument("--lora-merge", choices=["keep", "requantize", "discard"], default="keep",
                         help="adapters after recovery: keep as 16-bit tensors (counted in the size; default), "
                              "fold in and re-quantize (size exactly as scheduled), or discard")
     staged.add_argument("--kd-batch", type=positive_int, default=4, help="distillation batch size (default 4)")
     staged.add_argument("--kd-seq-len", type=positive_int, default=256, help="distillation row length (default 256)")
-    staged.add_argument("--temperature", type=_non_negative, default=1.0, help="distillation temperature (default 1)")
+    staged.add_argument("--temperature", type=non_negative_float, default=1.0, help="distillation temperature (default 1)")
     add_trust_remote_code(ap)
     add_threads(ap)
     ap.set_defaults(run=run)

@@ -4,26 +4,31 @@ from __future__ import annotations
 import argparse
 
 
+def bounded(text: str, convert, ok, expected: str):
+    """``convert(text)`` when it parses and passes ``ok``; else argparse's error naming ``expected``
+    (the body of every numeric argparse type)."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer > 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return bounded(text, int, lambda v: v > 0, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return bounded(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    return bounded(text, float, lambda v: v >= 0, "a number >= 0")
 
 
 def add_threads(parser: argparse.ArgumentParser) -> None:
