@@ -385,6 +385,8 @@ CASES = [
          _edit("run/profile.json", lambda d: d["data"].update(calibration_tokens="many"))),
     Case("profile-for-another-model", SEARCH, ("run/profile.json", "another model", "re-run `autocompress profile`"),
          _edit("run/profile.json", lambda d: d["data"].update(model_fingerprint=OTHER_FP))),
+    Case("profile-space-file-gone", SEARCH, ("run/profile.json", "space file gone.yaml", "not found", "--space"),
+         _edit("run/profile.json", lambda d: d["data"].update(space="tiny", meta={"space_source": "gone.yaml"}))),
     Case("profile-exists-for-other-data", ["profile", "model", "--out", "run", "--tokens", "128", "--seq-len", "64",
                                            "--role-tokens", "128", "--calib-tokens", "128", "--calib-seq-len", "64",
                                            "--space", "space.yaml"], ("run/profile.json", "another data", "--force")),
@@ -451,6 +453,8 @@ CASES = [
     Case("study-for-another-model", [*SEARCH, "--resume"], (repr(STUDY), "0" * 16, "another --study-name"), STUDY_DB),
     Case("study-exists-without-resume", SEARCH, (repr(STUDY), "already exists", "--resume"), STUDY_DB),
     Case("study-storage-not-a-url", [*SEARCH, "--storage", "study.txt"], ("'study.txt'", "sqlite:///")),
+    Case("study-storage-in-memory", [*SEARCH, "--storage", "sqlite:///:memory:"],
+         ("'sqlite:///:memory:'", "cannot persist or be resumed", "sqlite:///run/study.db")),
     # -- output paths
     Case("eval-out-under-a-file", ["eval", "model", "--out", "text.txt/eval.json"],
          ("--out text.txt/eval.json", "is a file, not a directory", "choose another --out")),
@@ -532,3 +536,18 @@ def test_bad_input(case: Case, template: Path, tmp_path: Path, monkeypatch: pyte
     for name in case.writes:
         assert after.pop(f"w/{name}", None) is not None, f"{name} was not written"
     assert after == before, "files were changed, added or left half-written"
+
+
+def test_search_without_space_reads_the_file_the_profile_was_made_with(template, tmp_path, monkeypatch):
+    """``profile --space space.yaml`` records the file; ``search`` without --space reads it (the
+    space's own name, ``tiny``, is no built-in one)."""
+    from autocompress.profile.run import space_fingerprint
+
+    world = World(tmp_path / "w", monkeypatch)
+    shutil.copytree(template, world.root)
+    monkeypatch.chdir(world.root)
+    fp = space_fingerprint(load_space("space.yaml"))
+    world.edit("run/profile.json", lambda d: d["data"].update(space="tiny", space_fingerprint=fp,
+                                                               meta={"space_source": "space.yaml"}))
+    assert _run(SEARCH) == 0
+    assert json.loads((world.root / "run" / "search.json").read_text())["data"]["space"] == "tiny"

@@ -183,6 +183,82 @@ def test_killed_profile_leaves_complete_files_and_a_rerun_gives_the_same_profile
     assert _profile_json(run / "profile.json") == _profile_json(world / "ref" / "profile.json")
 
 
+def _spy_measured(monkeypatch) -> list[str]:
+    """The names of the units ``profile`` measures from now on (in this process)."""
+    from autocompress.profile import run as profile_run
+
+    measured: list[str] = []
+    original = profile_run._measure_unit
+
+    def spy(trace, model, ref, *args, **kwargs):
+        measured.append(ref.name)
+        return original(trace, model, ref, *args, **kwargs)
+
+    monkeypatch.setattr(profile_run, "_measure_unit", spy)
+    return measured
+
+
+UNITS = [f"model.layers.{i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("when,reused", [
+    ("after", 2),  # two units finished and kept, the third not measured
+    ("half", 1),  # the second unit's file cut in half (a damaged disk): measured again, never a traceback
+])
+def test_killed_profile_resumes_with_the_units_it_finished(world, tmp_path, monkeypatch, capsys, when, reused):
+    for name in ("model", "text.txt", "space.yaml"):
+        (tmp_path / name).symlink_to(world / name)
+    _kill(tmp_path, ["profile", "model", "--out", "run", *PROFILE], "os.replace", "profile.units", 2, when)
+    run = tmp_path / "run"
+    assert not (run / "profile.json").exists()
+    assert sorted(p.name for p in (run / "profile.units").glob("[!.]*")) == [f"{u}.json" for u in UNITS[:2]]
+    if when == "after":
+        _complete(run)
+    monkeypatch.chdir(tmp_path)
+    measured = _spy_measured(monkeypatch)
+    capsys.readouterr()
+    assert main(["profile", "model", "--out", "run", *PROFILE]) == 0
+    assert measured == UNITS[reused:]
+    assert f"reusing {reused} finished units of 3" in capsys.readouterr().err
+    assert _profile_json(run / "profile.json") == _profile_json(world / "ref" / "profile.json")
+    assert not (run / "profile.units").exists()
+
+
+def _interrupted_profile(monkeypatch, argv: list[str], units: int) -> None:
+    """Run ``profile ARGV`` in this process, stopped (an exception) when it starts measuring unit ``units + 1``."""
+    from autocompress.profile import run as profile_run
+
+    original, seen = profile_run._measure_unit, []
+
+    def stop_after(*args, **kwargs):
+        if len(seen) == units:
+            raise RuntimeError("stopped")
+        seen.append(1)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(profile_run, "_measure_unit", stop_after)
+        with pytest.raises(RuntimeError, match="stopped"):
+            main(["profile", "model", "--out", "run", *argv])
+
+
+@pytest.mark.parametrize("change", ["space", "force"])
+def test_finished_units_of_other_inputs_or_with_force_are_measured_again(world, tmp_path, monkeypatch, change):
+    """Units kept for another search space are never mixed into this one's profile; --force ignores them."""
+    for name in ("model", "text.txt", "space.yaml"):
+        (tmp_path / name).symlink_to(world / name)
+    (tmp_path / "other.yaml").write_text("name: tiny\ngroup_size: 32\nbits: [8, 16]\n")
+    monkeypatch.chdir(tmp_path)
+    first = [*PROFILE, "--space", "other.yaml"] if change == "space" else PROFILE
+    _interrupted_profile(monkeypatch, first, units=2)
+    assert len(list((tmp_path / "run" / "profile.units").glob("model.layers.*.json"))) == 2
+    measured = _spy_measured(monkeypatch)
+    assert main(["profile", "model", "--out", "run", *PROFILE, *(["--force"] if change == "force" else [])]) == 0
+    assert measured == UNITS
+    assert _profile_json(tmp_path / "run" / "profile.json") == _profile_json(world / "ref" / "profile.json")
+    assert not (tmp_path / "run" / "profile.units").exists()
+
+
 @pytest.mark.parametrize("target,match,nth,when,overwrite", [
     ("safetensors.torch.save_file", "model.safetensors", 1, "half", False),  # inside the weights' write
     ("os.replace", ".part", 1, "before", False),  # the full folder written, not yet renamed

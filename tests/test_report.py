@@ -175,6 +175,23 @@ def test_study_location_resolves_a_relative_sqlite_url(run, tmp_path):
         run.search.storage = storage
 
 
+def test_a_storage_outside_the_run_is_opened_only_when_named(run, tmp_path):
+    storage = run.search.storage
+    outside = tmp_path / "elsewhere" / "shared.db"
+    outside.parent.mkdir(exist_ok=True)
+    outside.write_bytes((run.run_dir / "study.db").read_bytes())
+    try:
+        run.search.storage = f"sqlite:///{outside}"
+        assert data.study_location(run.search, run.run_dir) == \
+            f"the study's storage sqlite:///{outside} is outside {run.run_dir}; pass --storage sqlite:///{outside} to read it"
+        assert data.study_location(run.search, run.run_dir, f"sqlite:///{outside}") == \
+            (f"sqlite:///{outside}", "report-test")
+        run.search.storage = "postgresql://db.example/optuna"
+        assert "pass --storage postgresql://db.example/optuna" in data.study_location(run.search, run.run_dir)
+    finally:
+        run.search.storage = storage
+
+
 def test_summary_rows_state_budget_achieved_and_quality(run):
     rows = dict(data.summary_rows(run))
     best = run.search.trial(run.search.best)

@@ -13,7 +13,9 @@ def register(verbs) -> None:
                                       "(bit widths, sparsity, head/channel removal, dropping the block), the KL "
                                       "to the original model's next-token distribution and the loss change; add "
                                       "cheap proxies, the additivity check and the blocks' linguistic roles. "
-                                      "Writes RUN/profile.json, reused while model, data and space are unchanged.")
+                                      "Writes RUN/profile.json, reused while model, data and space are unchanged. "
+                                      "Each measured unit is kept in RUN/profile.units/ until then, so a run killed "
+                                      "midway resumes with the units it finished (same inputs only).")
     pr.add_argument("model", metavar="MODEL")
     pr.add_argument("--data", default="stdlib-docs", help="calibration data spec (default: stdlib-docs)")
     pr.add_argument("--space", default="default", help="search space: built-in name or YAML file (default: default)")
@@ -34,7 +36,7 @@ def register(verbs) -> None:
     pr.add_argument("--proxies", action=argparse.BooleanOptionalAction, default=True,
                     help="compute the cheap proxies and their correlations (default: on)")
     pr.add_argument("--top", type=positive_int, default=5, help="units shown at each end of the ranking (default 5)")
-    pr.add_argument("--force", action="store_true", help="re-profile even if RUN/profile.json exists")
+    pr.add_argument("--force", action="store_true", help="re-profile even if RUN/profile.json exists, measuring every unit again")
     pr.add_argument("--predict", metavar="PREDICTOR_OR_PROFILES",
                     help="sensitivity predictor JSON (or comma-separated profile.json files to train one): "
                          "measure only the units it is unsure of, predict the rest")

@@ -9,6 +9,9 @@ def register(verbs) -> None:
                                        "run directory into one HTML file; missing artifacts are named on the page.")
     rep.add_argument("run_dir", metavar="RUN", help="run directory (the --out of `autocompress profile`)")
     rep.add_argument("--out", help="where to write the report (default: RUN/report.html)")
+    rep.add_argument("--storage", metavar="URL",
+                     help="the study's Optuna storage when it is not a file inside RUN (a database server, a "
+                          "file elsewhere); the report never connects to such a storage on search.json's word alone")
     rep.add_argument("--screenshot", metavar="PNG", help="also save a PNG of the top of the page (needs Chromium)")
     rep.set_defaults(run=run)
 
@@ -23,7 +26,7 @@ def run(args) -> int:
 
     if args.out:
         check_output(args.out, "--out")
-    out = write_report(args.run_dir, args.out)
+    out = write_report(args.run_dir, args.out, storage=args.storage)
     missing = load_run(args.run_dir).missing
     table = Table(title=f"artifacts of {args.run_dir}")
     table.add_column("file")

@@ -22,9 +22,11 @@ def register(verbs) -> None:
                          "or repeated")
     se.add_argument("--trials", type=positive_int, default=200,
                     help="finished trials the study should hold in total, all workers together (default 200)")
-    se.add_argument("--space", help="search space name or YAML (default: the profile's space)")
+    se.add_argument("--space", help="search space name or YAML (default: the space RUN/profile.json was made "
+                                    "with; a YAML file is read again from the path given to profile)")
     se.add_argument("--storage", help="Optuna storage: sqlite:///path.db, postgresql://..., or a file "
-                                      "ending in .journal (default sqlite:///RUN/study.db)")
+                                      "ending in .journal (default sqlite:///RUN/study.db); not in memory, "
+                                      "which could not be resumed")
     se.add_argument("--study-name", help="study name (default: SPACE:BUDGET)")
     se.add_argument("--resume", action="store_true", help="continue (or join) an existing study")
     se.add_argument("--pareto", action="store_true",
@@ -58,11 +60,15 @@ def run(args) -> int:
     from rich.console import Console  # noqa: PLC0415
 
     from ..search.budget import check_specs  # noqa: PLC0415
+    from ..search.storage import check_storage  # noqa: PLC0415
     from ..search.study import SearchSettings, result_table, search  # noqa: PLC0415
 
     check_specs(args.budget)
+    if args.storage:
+        check_storage(args.storage, args.run_dir)
+    space = args.space or profile_space_file(args.run_dir)
     settings = SearchSettings(
-        run_dir=args.run_dir, budget=tuple(args.budget), trials=args.trials, space=args.space, storage=args.storage,
+        run_dir=args.run_dir, budget=tuple(args.budget), trials=args.trials, space=space, storage=args.storage,
         study_name=args.study_name, resume=args.resume, pareto=args.pareto, workers=args.workers, seed=args.seed,
         holdout_tokens=args.holdout_tokens, window=args.window, calibration_tokens=args.calibration_tokens,
         measure=args.measure, warm_start=args.warm_start, device=args.device, batch=args.batch,
@@ -78,3 +84,40 @@ def run(args) -> int:
     console.print(f"wrote {args.run_dir}/schedule.json and {args.run_dir}/search.json (study {result.study_name!r} "
                   f"in {result.storage})")
     return 0
+
+
+def profile_space_file(run_dir: str) -> str | None:
+    """The YAML file ``RUN/profile.json`` was profiled with, for a search without ``--space``.
+
+    None when the profile names a built-in space (the search loads it by name) or cannot be
+    read (the search says why). A file that is gone, or that changed since, is refused with a
+    line asking for ``--space``: its name inside the YAML is no space the search could load.
+    """
+    from pathlib import Path  # noqa: PLC0415
+
+    from ..errors import UserError  # noqa: PLC0415
+    from ..profile.artifact import Profile  # noqa: PLC0415
+    from ..profile.run import space_fingerprint  # noqa: PLC0415
+    from ..search.space import builtin_spaces, load_space  # noqa: PLC0415
+
+    path = Path(run_dir) / "profile.json"
+    try:
+        profile = Profile.load(path)
+    except UserError:
+        return None
+    source = profile.meta.get("space_source")
+    if not isinstance(source, str) or not source.endswith((".yaml", ".yml")) or \
+            (profile.space in builtin_spaces() and source == f"{profile.space}.yaml"):
+        return None
+    if not Path(source).is_file():
+        problem = "is not found here"
+    else:
+        try:
+            same = space_fingerprint(load_space(source)) == profile.space_fingerprint
+            problem = None if same else "has changed since"
+        except UserError:
+            problem = "cannot be read now"
+    if problem is not None:
+        raise UserError(f"{path} was made with the search space file {source}, which {problem}; pass --space "
+                        f"with the space to search (a file like {Path(source).name})")
+    return source

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import shutil
 from contextlib import contextmanager
 import time
 from dataclasses import dataclass
@@ -28,11 +29,12 @@ from ..compress.apply import DroppedBlock, compress_block, needs_calibration
 from ..compress.calibrate import token_batch
 from ..errors import UserError
 from ..models import LoadedModel, adapter_for, model_fingerprint
-from ..progress import progress_bar
+from ..progress import console, progress_bar
 from ..schedule import Choice
 from ..search.space import Granularity, SearchSpace, label_bits
 from .additivity import additivity_check
 from .artifact import Profile, UnitProfile
+from .checkpoint import CHECKPOINT_DIR, EXTRA, UnitCheckpoints, checkpoint_key
 from .proxies import (LinearInputNorms, block_influence, fisher_score, mean_token_norm, proxy_correlations,
                       squared_gradients, weight_stats)
 from .sensitivity import Trace, swapped, trace_model
@@ -213,12 +215,24 @@ def _measure_unit(trace: Trace, model: nn.Module, ref: UnitRef, probes, settings
             if score is not None:
                 unit.proxies[f"fisher:{label}"] = score
         if label in keep_for_additivity and settings.additivity:
-            if isinstance(changed, dict):
-                keep_for_additivity[label].setdefault(ref.block, {}).update(changed)
-            else:
-                keep_for_additivity[label][ref.block] = changed
+            _keep(keep_for_additivity, label, ref, changed)
         advance()
     return unit
+
+
+def _keep(keep_for_additivity: dict, label: str, ref: UnitRef, changed) -> None:
+    if isinstance(changed, dict):
+        keep_for_additivity[label].setdefault(ref.block, {}).update(changed)
+    else:
+        keep_for_additivity[label][ref.block] = changed
+
+
+def _keep_replacements(trace: Trace, model: nn.Module, ref: UnitRef, probes, stats, keep_for_additivity: dict) -> None:
+    """The compressed replacements of a unit measured by an earlier, interrupted run, at the
+    additivity labels (compressing is deterministic per choice, so they equal the measured ones)."""
+    for label, choice in probes:
+        if label in keep_for_additivity:
+            _keep(keep_for_additivity, label, ref, _compress_one(trace, model, ref, choice, stats))
 
 
 def _embedding_units(model: nn.Module, rows: torch.Tensor, space: SearchSpace,
@@ -254,7 +268,7 @@ def _probe_roles(loaded: LoadedModel, trace: Trace, tokens: torch.Tensor, settin
 def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: ProfileSettings = ProfileSettings(), *,
                   model_name: str | None = None, data_name: str | None = None,
                   model_fp: str | None = None, calibration=None, stats_store: dict | None = None,
-                  code_cache=None) -> Profile:
+                  code_cache=None, checkpoint: UnitCheckpoints | None = None) -> Profile:
     """Profile ``loaded.model`` on the calibration ``stream`` under ``space``.
 
     ``stream`` is a :class:`~autocompress.data.TokenStream` or a 1-D LongTensor. For every
@@ -267,7 +281,10 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     ``stats_store`` (a dict) receives every block's statistics and GPTQ codes, for a search in
     the same process to reuse (``SwapEvaluator.reuse_stats``) instead of computing them again;
     ``code_cache`` (a :class:`~autocompress.compress.code_cache.CodeCache` for the calibration
-    rows) keeps the GPTQ codes on disk for later processes.
+    rows) keeps the GPTQ codes on disk for later processes. ``checkpoint`` (a
+    :class:`~autocompress.profile.checkpoint.UnitCheckpoints` keyed for exactly these inputs)
+    receives every unit as soon as it is measured; the units it already holds are reused,
+    not measured again (a killed run resumes where it stopped, to the same numbers).
     When ``loaded.tokenizer`` adds BOS, every measured row starts with it (never scored; see
     :mod:`autocompress.data`). The model is left as it was.
     """
@@ -306,15 +323,35 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     # One additivity check per bit width (at the space's first group size).
     keep_for_additivity: dict[str, dict[int, object]] = {label: {} for label, c in probes
                                                          if label.startswith("bits=") and c.group_size == space.group_size}
+    finished = checkpoint.load() if checkpoint is not None else {}
+    done = {ref.name: finished[ref.name][0] for ref in refs
+            if [u.name for u in finished.get(ref.name, [])] == [ref.name]}
+    reused = len(done)
+    if reused:
+        console.print(f"reusing {reused} finished units of {len(refs)} from {checkpoint.folder}", markup=False,
+                      highlight=False)
+    units = []
     with _timed("measure", timings, cpu), progress_bar(f"measuring {len(refs)} units x {len(probes)} choices",
                                                        len(refs) * len(probes), settings.progress) as advance:
-        units = [_measure_unit(trace, model, ref, probes, settings, stats_source.stats(ref.block), squared, norms,
-                               keep_for_additivity, advance) for ref in refs]
+        for ref in refs:
+            if ref.name in done:
+                unit = done[ref.name]
+                if settings.additivity and keep_for_additivity:
+                    _keep_replacements(trace, model, ref, probes, stats_source.stats(ref.block), keep_for_additivity)
+                advance(len(probes))
+            else:
+                unit = _measure_unit(trace, model, ref, probes, settings, stats_source.stats(ref.block), squared,
+                                     norms, keep_for_additivity, advance)
+                if checkpoint is not None:
+                    checkpoint.save(ref.name, [unit])
+            units.append(unit)
     del squared
     extra_units = []
     if space.embedding_choices():
         with _timed("embedding", timings, cpu):
-            extra_units = _embedding_units(model, rows, space, settings)
+            extra_units = finished.get(EXTRA) or _embedding_units(model, rows, space, settings)
+            if checkpoint is not None and EXTRA not in finished:
+                checkpoint.save(EXTRA, extra_units)
 
     additivity = []
     if settings.additivity:
@@ -356,18 +393,25 @@ def _describe_stream(stream) -> str:
 
 def _measure_one(trace: Trace, model: nn.Module, ref: UnitRef, choice: Choice, stats: dict | None = None):
     """KL, loss delta and the compressed replacement (a block, or {path: linear}) of one unit."""
+    changed = _compress_one(trace, model, ref, choice, stats)
+    if ref.path is None:
+        kl, delta = trace.measure_block(ref.block, changed)
+        return kl, delta, changed
+    block = trace.blocks[ref.block]
+    with swapped(block, changed):
+        kl, delta = trace.measure_block(ref.block, block)
+    return kl, delta, changed
+
+
+def _compress_one(trace: Trace, model: nn.Module, ref: UnitRef, choice: Choice, stats: dict | None = None):
+    """One unit under ``choice``: a compressed copy of its block, or {path: compressed linear}."""
     block = trace.blocks[ref.block]
     inputs = trace.block_inputs(ref.block)
     if ref.path is None:
-        changed = compress_block(block, ref.block, model, choice, inputs, stats=stats)
-        kl, delta = trace.measure_block(ref.block, changed)
-        return kl, delta, changed
+        return compress_block(block, ref.block, model, choice, inputs, stats=stats)
     compressed = compress_block(block, ref.block, model, Choice(), inputs, linear_choices={ref.path: choice},
                                 stats=stats)
-    replacement = {ref.path: compressed.get_submodule(ref.path)}
-    with swapped(block, replacement):
-        kl, delta = trace.measure_block(ref.block, block)
-    return kl, delta, replacement
+    return {ref.path: compressed.get_submodule(ref.path)}
 
 
 @dataclass(frozen=True)
@@ -386,6 +430,9 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
 
     An existing profile whose model, data and space fingerprints all match is returned as is;
     one that differs is refused with a message naming the difference, unless ``force``.
+    Every unit is kept in ``out_dir/profile.units/`` as soon as it is measured, so a run killed
+    midway resumes with the units it finished (same inputs only; ``force`` measures all again);
+    the folder is removed once ``profile.json`` is written.
     ``granularity`` ("block" or "linear") overrides the space's.
     """
     from ..data import Split, bos_id, load_tokens  # noqa: PLC0415
@@ -410,11 +457,11 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
     bos = bos_id(loaded.tokenizer)
     model_fp = model_fingerprint(loaded.model)
     path = Path(out_dir) / "profile.json"
+    data_fp = data_fingerprint(stream.tokens, settings, bos)
     if path.exists() and not force:
         existing = Profile.load(path)
         try:
-            existing.check_matches(model_fp, data_fingerprint(stream.tokens, settings, bos), space_fingerprint(space),
-                                   path=path)
+            existing.check_matches(model_fp, data_fp, space_fingerprint(space), path=path)
             recorded = existing.meta.get("calibration", {})
             row_length = settings.calib_seq_len + (bos is not None)  # the recorded length counts BOS
             expected = (settings.calibration, settings.calib_tokens // settings.calib_seq_len, row_length)
@@ -423,13 +470,21 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
             load_calibration(out_dir, recorded.get("fingerprint"))
         except UserError as exc:
             raise UserError(f"{exc} (or pass --force to replace it)") from None
+        # Left by a run killed after writing profile.json, before removing them.
+        shutil.rmtree(Path(out_dir) / CHECKPOINT_DIR, ignore_errors=True)
         return ProfileOutcome(existing, path, True)
     calibration = choose_calibration(loaded, data, settings)
     save_calibration(out_dir, calibration)  # first: other processes may calibrate on it meanwhile
+    checkpoint = UnitCheckpoints(Path(out_dir) / CHECKPOINT_DIR,
+                                 checkpoint_key(model_fp, data_fp, space_fingerprint(space), settings,
+                                                calibration.fingerprint))
+    if force:
+        checkpoint.clear()
     profile = profile_model(loaded, stream, space, settings, model_name=model_spec,
                             data_name=data, model_fp=model_fp, calibration=calibration,
-                            code_cache=CodeCache.for_run(out_dir, model_fp, calibration.rows))
+                            code_cache=CodeCache.for_run(out_dir, model_fp, calibration.rows), checkpoint=checkpoint)
     profile.save(path)
+    checkpoint.clear()
     return ProfileOutcome(profile, path, False)
 
 

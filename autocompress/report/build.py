@@ -124,7 +124,7 @@ def _optuna_sections(run: data.Run) -> list[Section]:
     if run.search is None:
         history.missing = importances.missing = _absent(run, "search.json")
         return [history, importances]
-    location = data.study_location(run.search, run.run_dir)
+    location = data.study_location(run.search, run.run_dir, run.storage)
     drawn = (figures.optuna_figures(*location) if isinstance(location, tuple)
              else {key: location for key in ("history", "importances")})
     metric = data.METRIC
@@ -293,7 +293,7 @@ def render_report(run: data.Run) -> str:
                        footer="Written by autocompress report. Self-contained: opens offline, fetches nothing.")
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path, out: str | Path | None = None, *, storage: str | None = None) -> Path:
     """Write the HTML report of ``run_dir`` to ``out`` (default ``run_dir/report.html``) atomically.
 
     Artifacts that are missing are named on the page in place of their sections; a path
@@ -303,8 +303,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
         write_report("runs/x")                 # runs/x/report.html
         write_report("runs/x", "reports/demo.html")
+        write_report("runs/x", storage="postgresql://host/db")  # a study kept outside the run
     """
     run = data.load_run(run_dir)
+    run.storage = storage
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
     atomic_write_bytes(out, render_report(run).encode("utf-8"))
     return out

@@ -49,6 +49,7 @@ class Run:
     original: dict[str, Any] | None = None  # eval_original.json: the same evaluation of the original
     staged: dict[str, Any] | None = None
     missing: dict[str, str] = field(default_factory=dict)
+    storage: str | None = None  # the study's storage as the user named it (``report --storage``)
 
 
 def _read_json_artifact(path: Path) -> dict[str, Any]:

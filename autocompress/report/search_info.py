@@ -207,16 +207,23 @@ def prediction_info(search: SearchResult) -> PredictionInfo:
     )
 
 
-def study_location(search: SearchResult, run_dir: Path) -> tuple[str, str] | str:
+def study_location(search: SearchResult, run_dir: Path, storage: str | None = None) -> tuple[str, str] | str:
     """The Optuna storage URL and study name of the search, or why it cannot be opened.
+
+    A storage outside the run directory (a database server, a file elsewhere) is opened only
+    when the user names it (``storage``): search.json alone never makes the report connect.
 
     A relative sqlite path or journal file that does not exist from here is looked for in the
     run directory; a sqlite file that exists nowhere is reported rather than opened (opening
     would create an empty database).
     """
-    storage, name = search.storage, search.study_name
+    from ..search.storage import is_run_storage  # noqa: PLC0415
+
+    named, (storage, name) = storage, (storage or search.storage, search.study_name)
     if not storage or not name:
         return "search.json names no Optuna storage and study"
+    if named is None and not is_run_storage(storage, run_dir):
+        return f"the study's storage {storage} is outside {run_dir}; pass --storage {storage} to read it"
     if storage.startswith("sqlite:///"):
         path = Path(storage[len("sqlite:///"):])
         if not path.exists() and not path.is_absolute() and (run_dir / path.name).exists():

@@ -17,8 +17,38 @@ from pathlib import Path
 from ..errors import UserError
 
 def storage_url(settings) -> str:
-    """The storage URL: ``--storage`` or ``sqlite:///RUN/study.db``."""
+    """The storage URL: ``--storage`` (checked by :func:`check_storage`) or ``sqlite:///RUN/study.db``."""
+    if settings.storage:
+        check_storage(settings.storage, settings.run_dir)
     return settings.storage or f"sqlite:///{Path(settings.run_dir).resolve() / 'study.db'}"
+
+
+def check_storage(url: str, run_dir: str | os.PathLike = "RUN") -> None:
+    """Refuse a storage the search cannot keep: an in-memory SQLite database (``sqlite://``,
+    ``sqlite:///:memory:``) is gone when the process ends and is not shared with the workers or
+    the report, so nothing could be resumed."""
+    if url.startswith("sqlite:") and (url.rstrip("/") in ("sqlite:", "sqlite:/")
+                                      or url.split("?")[0].endswith(":memory:") or "mode=memory" in url):
+        raise UserError(f"storage {url!r} is in memory: a study there cannot persist or be resumed; name a "
+                        f"file, like sqlite:///{Path(run_dir) / 'study.db'}")
+
+
+def is_run_storage(url: str, run_dir: str | os.PathLike) -> bool:
+    """Whether ``url`` (a sqlite URL or a journal file) names a file inside ``run_dir``: the storages a
+    report may open on its own. A server (postgresql://...) or a file elsewhere needs the user's word."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):].split("?")[0]
+    elif "://" in url:
+        return False
+    else:
+        path = url
+    if not path or path == ":memory:":
+        return False
+    run = Path(run_dir).resolve()
+    target = Path(path)
+    if not target.exists() and not target.is_absolute():  # looked for in the run folder, as the report does
+        target = run / target.name
+    return target.resolve().is_relative_to(run)
 
 
 def open_storage(url: str):
