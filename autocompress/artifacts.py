@@ -81,7 +81,8 @@ def write_artifact(path: str | os.PathLike, kind: str, version: int, data: dict[
 _REMEDY = {"profile": "re-run `autocompress profile --force`", "schedule": "re-run `autocompress search`",
            "search": "re-run `autocompress search`", "staged": "pass --restart to start the staged run over",
            "eval": "re-run `autocompress eval`", "compressed-model": "re-run `autocompress apply`",
-           "sensitivity-predictor": "train the predictor again"}
+           "sensitivity-predictor": "train the predictor again",
+           "profile-partial": "re-run that shard with `autocompress profile --shard K/N --force`"}
 
 
 def read_artifact(path: str | os.PathLike, kind: str, version: int) -> dict[str, Any]:

@@ -6,8 +6,8 @@ so reading a ``profile.json`` does not pull in the measuring machinery.
 """
 from .artifact import AdditivityCheck, Profile, UnitProfile
 
-__all__ = ["AdditivityCheck", "Profile", "ProfileOutcome", "ProfileSettings", "UnitProfile", "profile_model",
-           "profile_run"]
+__all__ = ["AdditivityCheck", "Profile", "ProfileOutcome", "ProfileSettings", "Shard", "UnitProfile",
+           "merge_profiles", "profile_model", "profile_run", "profile_shard"]
 
 
 def __getattr__(name: str):
@@ -15,4 +15,8 @@ def __getattr__(name: str):
         from . import run  # noqa: PLC0415
 
         return getattr(run, name)
+    if name in ("Shard", "merge_profiles", "profile_shard"):
+        from . import shard  # noqa: PLC0415
+
+        return getattr(shard, name)
     raise AttributeError(f"module 'autocompress.profile' has no attribute {name!r}")

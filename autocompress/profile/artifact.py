@@ -7,6 +7,8 @@ One :class:`UnitProfile` per searchable unit (a decoder block, or a linear layer
 original's and the change in loss with only that unit changed; plus the cheap proxies and the
 linguistic role of the block. The profile carries the fingerprints of the model, the data
 and the space it was made from, so a stale profile is refused, never silently reused.
+A :class:`PartialProfile` (``profile.partial.json``) is one shard's share of a profile,
+merged with the others into ``profile.json`` by :mod:`autocompress.profile.shard`.
 
 Example::
 
@@ -21,11 +23,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import read_artifact, type_error, write_artifact
+from ..artifacts import fingerprint, read_artifact, type_error, write_artifact
 from ..errors import UserError
 
 PROFILE_TYPE = "profile"
 PROFILE_VERSION = 1
+PARTIAL_TYPE = "profile-partial"
+PARTIAL_VERSION = 1
+PARTIAL_FILE = "profile.partial.json"
+FINGERPRINTS = ("model", "data", "space", "settings", "calibration")
 
 
 @dataclass
@@ -139,3 +145,69 @@ class Profile:
     def load(cls, path: str | os.PathLike) -> Profile:
         """Read a profile written by :meth:`save`."""
         return cls.from_json(read_artifact(path, PROFILE_TYPE, PROFILE_VERSION), path)
+
+
+@dataclass
+class PartialProfile:
+    """One shard's share of a profile (``RUN_K/profile.partial.json``, see :mod:`.shard`).
+
+    Shard ``shard`` of ``shards`` measured the units ``measured`` (its ``profile.units``, in
+    order) out of ``unit_names``, every unit the space leaves unfrozen in the model. Shard 0
+    also holds what is measured once for the whole model (the embedding units, the roles).
+    ``fingerprints`` names what every shard of one profile must share: ``model``, ``data``
+    (the measured tokens), ``space``, ``settings`` (of ``settings``, the ProfileSettings as a
+    dict) and ``calibration`` (the run's calibration rows).
+    """
+
+    shard: int
+    shards: int
+    fingerprints: dict[str, str]
+    settings: dict[str, Any]
+    unit_names: list[str]
+    measured: list[str]
+    profile: Profile
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-dict form."""
+        return {"shard": self.shard, "shards": self.shards, "fingerprints": dict(self.fingerprints),
+                "settings": dict(self.settings), "unit_names": list(self.unit_names), "measured": list(self.measured),
+                "profile": self.profile.to_json()}
+
+    @classmethod
+    def from_json(cls, data: Any, path: str | os.PathLike = PARTIAL_FILE) -> PartialProfile:
+        """Strict inverse of :meth:`to_json`; a partial whose parts disagree with each other is refused too."""
+        remedy = "re-run `autocompress profile MODEL --shard K/N --force` for that shard"
+        if (error := type_error(data, cls, "partial")) is not None:
+            raise UserError(f"{path}: not a valid partial profile ({error}); {remedy}")
+        profile = Profile.from_json(data["profile"], path)
+        part = cls(**{**data, "profile": profile})
+        if (problem := part._inconsistency()) is not None:
+            raise UserError(f"{path}: not a valid partial profile ({problem}); {remedy}")
+        return part
+
+    def _inconsistency(self) -> str | None:
+        if not 0 <= self.shard < self.shards:
+            return f"shard {self.shard}/{self.shards} is out of range"
+        if sorted(self.fingerprints) != sorted(FINGERPRINTS):
+            return f"fingerprints must be exactly {', '.join(FINGERPRINTS)}"
+        if self.fingerprints["settings"] != fingerprint(self.settings):
+            return "the settings fingerprint does not match the settings"
+        for what, recorded in (("model", self.profile.model_fingerprint), ("data", self.profile.data_fingerprint),
+                               ("space", self.profile.space_fingerprint),
+                               ("calibration", self.profile.meta.get("calibration", {}).get("fingerprint"))):
+            if self.fingerprints[what] != recorded:
+                return f"the {what} fingerprint {self.fingerprints[what]} differs from its profile's {recorded}"
+        if self.measured != [u.name for u in self.profile.units]:
+            return "measured differs from the profile's units"
+        if not set(self.measured) <= set(self.unit_names):
+            return "measured names units outside unit_names"
+        return None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``profile.partial.json`` atomically."""
+        return write_artifact(path, PARTIAL_TYPE, PARTIAL_VERSION, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PartialProfile:
+        """Read a partial profile written by :meth:`save`."""
+        return cls.from_json(read_artifact(path, PARTIAL_TYPE, PARTIAL_VERSION), path)

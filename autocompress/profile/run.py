@@ -4,6 +4,8 @@
 space -> :class:`~autocompress.profile.artifact.Profile`); :func:`profile_run` is the run
 directory wrapper the CLI calls: it loads everything from specs, reuses ``RUN/profile.json``
 when the model, data and space are unchanged, and refuses a mismatched one unless forced.
+Sharded profiling (a share of the units per machine, merged afterwards) lives in
+:mod:`autocompress.profile.shard` and builds on the same pieces.
 
 Example::
 
@@ -18,8 +20,9 @@ import hashlib
 import shutil
 from contextlib import contextmanager
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -38,6 +41,9 @@ from .checkpoint import CHECKPOINT_DIR, EXTRA, UnitCheckpoints, checkpoint_key
 from .proxies import (LinearInputNorms, block_influence, fisher_score, mean_token_norm, proxy_correlations,
                       squared_gradients, weight_stats)
 from .sensitivity import Trace, swapped, trace_model
+
+if TYPE_CHECKING:
+    from .shard import Shard
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,11 @@ def data_fingerprint(tokens: torch.Tensor, settings: ProfileSettings, bos: int |
 def space_fingerprint(space: SearchSpace) -> str:
     """Fingerprint of a search space's settings (its file name and description included)."""
     return fingerprint(space.to_json())
+
+
+def settings_record(settings: ProfileSettings) -> dict:
+    """The settings that decide what is measured, as a plain dict (``progress`` left out)."""
+    return {k: v for k, v in asdict(settings).items() if k != "progress"}
 
 
 def _unit_modules(model: nn.Module, ref: UnitRef) -> dict[str, nn.Module]:
@@ -257,18 +268,24 @@ def _probe_roles(loaded: LoadedModel, trace: Trace, tokens: torch.Tensor, settin
     roles = probe_roles(states, ids, loaded.tokenizer, seed=settings.seed)
     data = roles.to_json()
     meta["roles"] = data
-    curves = data["selectivity"]
+    assign_roles(units, data)
+    return data["selectivity"]
+
+
+def assign_roles(units: list[UnitProfile], roles: dict) -> None:
+    """Give every unit its block's selectivities and dominant task from ``roles``
+    (a :class:`~autocompress.profile.probes.RoleProfile` in JSON form, as ``meta["roles"]`` holds it)."""
+    curves = roles["selectivity"]
     for unit in units:
         unit.roles = {task: v for task, values in curves.items() if (v := values[unit.block + 1]) is not None}
-        unit.dominant_role = roles.dominant[unit.block + 1]
-    return curves
+        unit.dominant_role = roles["dominant"][unit.block + 1]
 
 
 @torch.no_grad()
 def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: ProfileSettings = ProfileSettings(), *,
                   model_name: str | None = None, data_name: str | None = None,
                   model_fp: str | None = None, calibration=None, stats_store: dict | None = None,
-                  code_cache=None, checkpoint: UnitCheckpoints | None = None) -> Profile:
+                  code_cache=None, checkpoint: UnitCheckpoints | None = None, shard: Shard | None = None) -> Profile:
     """Profile ``loaded.model`` on the calibration ``stream`` under ``space``.
 
     ``stream`` is a :class:`~autocompress.data.TokenStream` or a 1-D LongTensor. For every
@@ -287,6 +304,11 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     not measured again (a killed run resumes where it stopped, to the same numbers).
     When ``loaded.tokenizer`` adds BOS, every measured row starts with it (never scored; see
     :mod:`autocompress.data`). The model is left as it was.
+
+    ``shard`` (a :class:`~autocompress.profile.shard.Shard`) measures only its share of the
+    units, the embedding units and the roles only in shard 0, and neither the additivity check
+    nor the proxy correlations (they need every unit: :func:`~autocompress.profile.shard.merge_profiles`
+    computes the correlations; sharded profiles have no additivity check).
     """
     from ..data import bos_id  # noqa: PLC0415
 
@@ -298,6 +320,9 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     refs = unit_refs(model, space)
     if not refs:
         raise UserError(f"search space {space.name!r} leaves no unit of this model unfrozen")
+    whole = shard is None or shard.index == 0  # this process measures the once-per-model parts
+    if shard is not None:
+        refs = shard.take(refs)
     probes = space.probe_choices()
     adapter = adapter_for(model)
     timings: dict[str, float] = {}
@@ -321,8 +346,9 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
             squared = squared_gradients(model, rows, rows=settings.fisher_rows)
 
     # One additivity check per bit width (at the space's first group size).
-    keep_for_additivity: dict[str, dict[int, object]] = {label: {} for label, c in probes
-                                                         if label.startswith("bits=") and c.group_size == space.group_size}
+    keep_for_additivity: dict[str, dict[int, object]] = {
+        label: {} for label, c in probes
+        if label.startswith("bits=") and c.group_size == space.group_size and shard is None}
     finished = checkpoint.load() if checkpoint is not None else {}
     done = {ref.name: finished[ref.name][0] for ref in refs
             if [u.name for u in finished.get(ref.name, [])] == [ref.name]}
@@ -347,14 +373,14 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
             units.append(unit)
     del squared
     extra_units = []
-    if space.embedding_choices():
+    if space.embedding_choices() and whole:
         with _timed("embedding", timings, cpu):
             extra_units = finished.get(EXTRA) or _embedding_units(model, rows, space, settings)
             if checkpoint is not None and EXTRA not in finished:
                 checkpoint.save(EXTRA, extra_units)
 
     additivity = []
-    if settings.additivity:
+    if settings.additivity and shard is None:
         with _timed("additivity", timings, cpu):
             additivity = [additivity_check(trace, units, label_bits(label), replacements, label)
                           for label, replacements in keep_for_additivity.items()]
@@ -363,7 +389,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     role_curves: dict[str, list[float]] = {}
     meta: dict = {"seq_len": settings.seq_len, "rows": rows.shape[0], "threads": torch.get_num_threads(),
                   "space_source": space.source}
-    if settings.roles:
+    if settings.roles and whole:
         with _timed("roles", timings, cpu):
             role_curves = _probe_roles(loaded, trace, tokens, settings, units, meta, bos)
     meta["timings"], meta["cpu_timings"] = timings, cpu
@@ -382,7 +408,8 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
         calibration_tokens=rows.shape[0] * settings.seq_len, base_loss=trace.reference.loss,
         choices={label: choice.to_json() for label, choice in probes + space.embedding_choices()},
         units=units, additivity=additivity, extra_units=extra_units,
-        proxy_spearman=proxy_correlations(units, [label for label, _ in probes]) if settings.proxies else {},
+        proxy_spearman=proxy_correlations(units, [label for label, _ in probes])
+        if settings.proxies and shard is None else {},
         role_curves=role_curves, seconds=time.perf_counter() - started, meta=meta)
 
 
@@ -435,10 +462,54 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
     the folder is removed once ``profile.json`` is written.
     ``granularity`` ("block" or "linear") overrides the space's.
     """
+    from ..run_calibration import load_calibration, save_calibration  # noqa: PLC0415
+
+    inputs = load_inputs(model_spec, data=data, space=space, granularity=granularity, settings=settings,
+                         trust_remote_code=trust_remote_code)
+    path = Path(out_dir) / "profile.json"
+    if path.exists() and not force:
+        existing = Profile.load(path)
+        try:
+            existing.check_matches(inputs.model_fp, inputs.data_fp, inputs.space_fp, path=path)
+            recorded = existing.meta.get("calibration", {})
+            if not calibration_fits(recorded, settings, inputs.bos):
+                raise UserError(f"{path} was made with other calibration rows ({recorded or 'none'})")
+            load_calibration(out_dir, recorded.get("fingerprint"))
+        except UserError as exc:
+            raise UserError(f"{exc} (or pass --force to replace it)") from None
+        # Left by a run killed after writing profile.json, before removing them.
+        shutil.rmtree(Path(out_dir) / CHECKPOINT_DIR, ignore_errors=True)
+        return ProfileOutcome(existing, path, True)
+    calibration = choose_calibration(inputs.loaded, data, settings)
+    save_calibration(out_dir, calibration)  # first: other processes may calibrate on it meanwhile
+    profile, checkpoint = measure_run(inputs, out_dir, settings, calibration, force=force)
+    profile.save(path)
+    checkpoint.clear()
+    return ProfileOutcome(profile, path, False)
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a profile run measures, loaded from specs: the model, the space, the token stream
+    (``spec`` and ``data``: what the model and the data were called) and their fingerprints."""
+
+    spec: str
+    data: str
+    loaded: LoadedModel
+    space: SearchSpace
+    stream: object  # a TokenStream
+    bos: int | None
+    model_fp: str
+    data_fp: str
+    space_fp: str
+
+
+def load_inputs(model_spec: str, *, data: str, space: str | SearchSpace, granularity: str | None,
+                settings: ProfileSettings, trust_remote_code: bool = False) -> RunInputs:
+    """Check ``settings``, then load the space, the model and the calibration tokens (a UserError,
+    before anything is written, when they do not fit together)."""
     from ..data import Split, bos_id, load_tokens  # noqa: PLC0415
     from ..models import load_model  # noqa: PLC0415
-    from ..compress.code_cache import CodeCache  # noqa: PLC0415
-    from ..run_calibration import load_calibration, save_calibration  # noqa: PLC0415
 
     # Settings and space first: a run directory is only written once everything is known to fit.
     if settings.tokens < settings.seq_len:
@@ -455,37 +526,35 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
     wanted = max(settings.tokens, settings.role_tokens if settings.roles else 0)
     stream = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, wanted)
     bos = bos_id(loaded.tokenizer)
-    model_fp = model_fingerprint(loaded.model)
-    path = Path(out_dir) / "profile.json"
-    data_fp = data_fingerprint(stream.tokens, settings, bos)
-    if path.exists() and not force:
-        existing = Profile.load(path)
-        try:
-            existing.check_matches(model_fp, data_fp, space_fingerprint(space), path=path)
-            recorded = existing.meta.get("calibration", {})
-            row_length = settings.calib_seq_len + (bos is not None)  # the recorded length counts BOS
-            expected = (settings.calibration, settings.calib_tokens // settings.calib_seq_len, row_length)
-            if (recorded.get("mode"), recorded.get("rows"), recorded.get("seq_len")) != expected:
-                raise UserError(f"{path} was made with other calibration rows ({recorded or 'none'})")
-            load_calibration(out_dir, recorded.get("fingerprint"))
-        except UserError as exc:
-            raise UserError(f"{exc} (or pass --force to replace it)") from None
-        # Left by a run killed after writing profile.json, before removing them.
-        shutil.rmtree(Path(out_dir) / CHECKPOINT_DIR, ignore_errors=True)
-        return ProfileOutcome(existing, path, True)
-    calibration = choose_calibration(loaded, data, settings)
-    save_calibration(out_dir, calibration)  # first: other processes may calibrate on it meanwhile
+    return RunInputs(model_spec, data, loaded, space, stream, bos, model_fingerprint(loaded.model),
+                     data_fingerprint(stream.tokens, settings, bos), space_fingerprint(space))
+
+
+def calibration_fits(recorded: dict, settings: ProfileSettings, bos: int | None) -> bool:
+    """Whether the calibration rows ``recorded`` describes (:meth:`CalibrationSet.describe`) are
+    what ``settings`` ask for: the same mode, number of rows and row length."""
+    row_length = settings.calib_seq_len + (bos is not None)  # the recorded length counts BOS
+    expected = (settings.calibration, settings.calib_tokens // settings.calib_seq_len, row_length)
+    return (recorded.get("mode"), recorded.get("rows"), recorded.get("seq_len")) == expected
+
+
+def measure_run(inputs: RunInputs, out_dir: str | Path, settings: ProfileSettings, calibration, *,
+                force: bool = False, shard: Shard | None = None) -> tuple[Profile, UnitCheckpoints]:
+    """:func:`profile_model` in a run directory: each unit checkpointed in ``out_dir/profile.units/``
+    (cleared first with ``force``), GPTQ codes in ``out_dir/codes/``. Returns the profile and the
+    checkpoints, for the caller to clear once its artifact is written."""
+    from ..compress.code_cache import CodeCache  # noqa: PLC0415
+
     checkpoint = UnitCheckpoints(Path(out_dir) / CHECKPOINT_DIR,
-                                 checkpoint_key(model_fp, data_fp, space_fingerprint(space), settings,
+                                 checkpoint_key(inputs.model_fp, inputs.data_fp, inputs.space_fp, settings,
                                                 calibration.fingerprint))
     if force:
         checkpoint.clear()
-    profile = profile_model(loaded, stream, space, settings, model_name=model_spec,
-                            data_name=data, model_fp=model_fp, calibration=calibration,
-                            code_cache=CodeCache.for_run(out_dir, model_fp, calibration.rows), checkpoint=checkpoint)
-    profile.save(path)
-    checkpoint.clear()
-    return ProfileOutcome(profile, path, False)
+    profile = profile_model(inputs.loaded, inputs.stream, inputs.space, settings, model_name=inputs.spec,
+                            data_name=inputs.data, model_fp=inputs.model_fp, calibration=calibration,
+                            code_cache=CodeCache.for_run(out_dir, inputs.model_fp, calibration.rows),
+                            checkpoint=checkpoint, shard=shard)
+    return profile, checkpoint
 
 
 def choose_calibration(loaded: LoadedModel, data: str, settings: ProfileSettings):
