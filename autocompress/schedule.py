@@ -29,6 +29,9 @@ from .errors import UserError
 SCHEDULE_TYPE = "schedule"
 SCHEDULE_VERSION = 1
 ALLOWED_BITS = (2, 3, 4, 5, 6, 8, 16)
+# llama.cpp's block types a choice may name (``gguf``), with the bit width each one stands for.
+GGUF_TYPE_BITS = {"Q8_0": 8, "Q6_K": 6, "Q5_K": 5, "Q5_1": 5, "Q5_0": 5, "Q4_K": 4, "Q4_1": 4, "Q4_0": 4,
+                  "Q3_K": 3, "Q2_K": 2}
 
 
 class QuantMethod(str, Enum):
@@ -74,6 +77,10 @@ class Choice:
     ``head_ratio`` removes that share of attention key/value groups (with their query
     heads), ``channel_ratio`` that share of MLP intermediate channels; ``drop`` removes the
     whole block. ``score`` ranks what unstructured and structured pruning remove.
+    ``gguf`` names one of llama.cpp's block types (``Q4_K``...) instead of our group-wise
+    codes: ``bits`` is then that type's width and ``group_size`` None, and the weights are
+    quantized as llama.cpp does (importance-weighted by the calibration inputs), so a GGUF
+    export writes them as measured.
     """
 
     bits: int = 16
@@ -87,6 +94,13 @@ class Choice:
     head_ratio: float = 0.0
     channel_ratio: float = 0.0
     drop: bool = False
+    gguf: str | None = None
+
+    def __post_init__(self):
+        if self.gguf is not None and self.gguf in GGUF_TYPE_BITS:
+            if self.bits == 16:
+                object.__setattr__(self, "bits", GGUF_TYPE_BITS[self.gguf])
+            object.__setattr__(self, "group_size", None)
 
     @property
     def quantized(self) -> bool:
@@ -105,6 +119,14 @@ class Choice:
 
     def check(self, where: str) -> None:
         """Raise :class:`UserError` naming ``where`` if any field is out of range."""
+        if self.gguf is not None:
+            if self.gguf not in GGUF_TYPE_BITS:
+                raise UserError(f"{where}: gguf must be one of {list(GGUF_TYPE_BITS)}, got {self.gguf!r}")
+            if self.bits != GGUF_TYPE_BITS[self.gguf]:
+                raise UserError(f"{where}: gguf {self.gguf} is {GGUF_TYPE_BITS[self.gguf]}-bit; "
+                                f"leave bits out or set it to {GGUF_TYPE_BITS[self.gguf]}, not {self.bits}")
+            if self.method is not QuantMethod.RTN:
+                raise UserError(f"{where}: gguf types are quantized as llama.cpp does; use method 'rtn'")
         if self.bits not in ALLOWED_BITS:
             raise UserError(f"{where}: bits must be one of {ALLOWED_BITS}, got {self.bits}")
         if self.group_size is not None and self.group_size < 1:
@@ -126,8 +148,9 @@ class Choice:
         return dataclasses.replace(self, **{name: getattr(override, name) for name in LINEAR_FIELDS})
 
     def to_json(self) -> dict[str, Any]:
-        """Plain-dict form (enums as their values)."""
-        return {f.name: (v.value if isinstance(v := getattr(self, f.name), Enum) else v) for f in fields(self)}
+        """Plain-dict form (enums as their values; ``gguf`` only when set, so older files read the same)."""
+        return {f.name: (v.value if isinstance(v := getattr(self, f.name), Enum) else v) for f in fields(self)
+                if not (f.name == "gguf" and self.gguf is None)}
 
     @classmethod
     def from_json(cls, data: Any, where: str = "choice") -> Choice:
@@ -146,7 +169,7 @@ class Choice:
         return choice
 
 
-LINEAR_FIELDS = ("bits", "group_size", "method", "act_order", "observer", "sparsity", "pattern", "score")
+LINEAR_FIELDS = ("bits", "group_size", "method", "act_order", "observer", "sparsity", "pattern", "score", "gguf")
 STRUCTURAL_FIELDS = ("head_ratio", "channel_ratio", "drop")
 _ENUMS = {"method": QuantMethod, "observer": Observer, "pattern": SparsityPattern, "score": PruneScore}
 
@@ -158,6 +181,10 @@ def _parse_field(name: str, value: Any, where: str) -> Any:
             return enum(value)
         except ValueError:
             raise UserError(f"{where}: expected one of {[e.value for e in enum]}, got {value!r}") from None
+    if name == "gguf":
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{where}: expected a GGUF type name such as 'Q4_K' or null, got {value!r}")
+        return value
     if name in ("bits",):
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{where}: expected an integer, got {value!r}")

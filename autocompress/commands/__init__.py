@@ -5,4 +5,4 @@ whose module is present. Modules import heavy libraries inside ``run`` only, so 
 stays fast.
 """
 
-VERBS = ("profile", "search", "apply", "eval", "report", "transfer", "demo")
+VERBS = ("profile", "search", "apply", "eval", "export", "report", "transfer", "demo")

@@ -18,6 +18,7 @@ from ..progress import progress_bar
 from ..schedule import Choice, Observer, PruneScore, QuantMethod, Schedule, SparsityPattern
 from .calibrate import BlockInputs, LinearStats, capture_block_inputs, collect_stats, run_block, token_batch
 from .code_cache import CodeCache
+from .gguf_linear import GGUFLinear
 from .gptq import gptq_quantize, gptq_quantize_many, quantize_observed
 from .prune import (channel_scores, drop_blocks, head_group_scores, keep_top, kept_channels, kept_heads,
                     prune_channels, prune_heads, set_submodule, sparsity_mask, weight_scores)
@@ -90,8 +91,9 @@ def stage_paths(adapter: FamilyAdapter) -> list[list[str]]:
 
 
 def _needs_stats(choice: Choice) -> bool:
-    """Whether compressing one linear with ``choice`` reads its input statistics."""
-    return ((choice.quantized and choice.method is QuantMethod.GPTQ)
+    """Whether compressing one linear with ``choice`` reads its input statistics (a GGUF type
+    weighs its rounding by the inputs' mean square, as llama.cpp's importance matrix does)."""
+    return ((choice.quantized and choice.method is QuantMethod.GPTQ) or choice.gguf is not None
             or (choice.pattern is not SparsityPattern.NONE and choice.score is PruneScore.WANDA))
 
 
@@ -101,7 +103,8 @@ def _gptq_paths(linear_choices: dict[str, Choice]) -> set[str]:
 
 def needs_calibration(choice: Choice, linear_choices: dict[str, Choice]) -> bool:
     """Whether compressing a block with these choices needs activation statistics."""
-    return not choice.drop and (_needs_norms(choice, linear_choices) or bool(_gptq_paths(linear_choices)))
+    return not choice.drop and (_needs_norms(choice, linear_choices) or bool(_gptq_paths(linear_choices))
+                                or any(c.gguf is not None for c in linear_choices.values()))
 
 
 def compress_linear(module: nn.Linear, choice: Choice, stats: LinearStats | None) -> nn.Module:
@@ -113,6 +116,8 @@ def compress_linear(module: nn.Linear, choice: Choice, stats: LinearStats | None
         module.weight.data.masked_fill_(mask, 0.0)
     if not choice.quantized:
         return module
+    if choice.gguf is not None:
+        return _gguf_linear(module, choice, stats, mask)
     if choice.method is QuantMethod.GPTQ:
         if stats is None or stats.hessian is None:
             raise ValueError("GPTQ needs the layer's Hessian from calibration")
@@ -129,6 +134,24 @@ def compress_linear(module: nn.Linear, choice: Choice, stats: LinearStats | None
     else:
         q = quantize_observed(module.weight, choice.bits, choice.group_size, choice.observer.value, mask)
     return QuantLinear.from_quantized(q, module.bias)
+
+
+def _gguf_linear(module: nn.Linear, choice: Choice, stats: LinearStats | None, mask) -> GGUFLinear:
+    """``module`` in ``choice.gguf`` blocks, weighted by its inputs' mean square when ``stats`` has them."""
+    importance = stats.sqnorm / max(stats.tokens, 1) if stats is not None else None
+    key = ("gguf", choice.gguf, tuple(module.weight.shape))
+    blocks = stats.memo.get(key) if stats is not None and mask is None else None
+    if blocks is not None:
+        linear = GGUFLinear(module.in_features, module.out_features, blocks[0], bias=module.bias is not None,
+                            device=module.weight.device, dtype=module.weight.dtype)
+        linear.blocks.copy_(blocks[1])
+        if module.bias is not None:
+            linear.bias.data.copy_(module.bias.detach())
+        return linear
+    linear = GGUFLinear.from_weight(module.weight, choice.gguf, module.bias, importance)
+    if stats is not None and mask is None:
+        stats.memo[key] = (linear.gguf_type, linear.blocks.clone())
+    return linear
 
 
 def block_stats(block: nn.Module, model: nn.Module, inputs: BlockInputs, *, batch_size: int = 8,
@@ -200,7 +223,8 @@ def compress_block_(block: nn.Module, model: nn.Module, choice: Choice, inputs: 
     gptq_paths = _gptq_paths(linear_choices)
     fixed = stats is not None
     stats = dict(stats) if fixed else {}
-    if not fixed and (_needs_norms(choice, linear_choices) or gptq_paths):
+    if not fixed and (_needs_norms(choice, linear_choices) or gptq_paths
+                      or any(c.gguf is not None for c in linear_choices.values())):
         if inputs is None:
             raise ValueError("this choice needs calibration inputs (Wanda scores or GPTQ Hessians)")
         modules = {path: block.get_submodule(path) for path in adapter.linears.values()}

@@ -75,7 +75,10 @@ class CodeCache:
         """Write block ``index``'s codes (path -> memo) atomically; nothing is written when empty."""
         tensors, entries = {}, []
         for path, memo in memos.items():
-            for (bits, group, act_order, observer, shape), q in memo.items():
+            for key, q in memo.items():
+                if key[0] == "gguf":
+                    continue  # GGUF blocks are quick to redo; only GPTQ codes are kept
+                bits, group, act_order, observer, shape = key
                 name = f"c{len(entries)}"
                 entries.append({"name": name, "path": path, "bits": bits, "group": group, "act_order": act_order,
                                 "observer": Observer(observer).value, "shape": list(shape), "g": q.group_size})

@@ -58,6 +58,11 @@ def linear_bytes(shape: LinearShape, choice: Choice) -> int:
     bias = shape.out * STORAGE_BYTES if shape.bias else 0
     if not choice.quantized:
         return shape.out * shape.inp * STORAGE_BYTES + bias
+    if choice.gguf is not None:
+        from ..export.gguf_quants import row_bytes  # noqa: PLC0415
+        from .gguf_linear import resolved_type  # noqa: PLC0415
+
+        return shape.out * row_bytes(resolved_type(choice.gguf, shape.inp), shape.inp) + bias
     group = effective_group_size(choice.group_size, shape.inp)
     return packing.packed_nbytes(shape.out, shape.inp, choice.bits, group, scale_bytes=STORAGE_BYTES) + bias
 

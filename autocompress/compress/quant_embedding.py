@@ -26,6 +26,7 @@ from autocompress.kernels import packing, reference
 
 from ..models import adapter_for
 from ..schedule import Choice, QuantMethod, SparsityPattern
+from .gguf_linear import GGUFEmbedding, GGUFLinear, TiedGGUFLinear
 from .gptq import quantize_observed
 from .prune import set_submodule
 from .quantize import SCALE_DTYPE, QuantizedWeight, QuantLinear
@@ -173,7 +174,7 @@ def head_is_tied(model: nn.Module) -> bool:
     adapter = adapter_for(model)
     head = model.get_submodule(adapter.lm_head)
     embedding = model.get_submodule(adapter.embeddings[0])
-    if isinstance(head, TiedQuantLinear):
+    if isinstance(head, (TiedQuantLinear, TiedGGUFLinear)):
         return head.embedding is embedding
     if isinstance(embedding, QuantEmbedding):
         return _same_storage(getattr(head, "packed", None), embedding.packed)
@@ -213,12 +214,27 @@ def embedding_replacements(model: nn.Module, unit: str, choice: Choice) -> dict[
     if not choice.quantized:
         return {}
     head = model.get_submodule(head_name)
+    if choice.gguf is not None:
+        return _gguf_replacements(model, unit, choice, tied)
     if unit == head_name:
         return {head_name: QuantLinear.from_quantized(quantize_weight_for(choice, head.weight), head.bias)}
     embedding = QuantEmbedding.from_embedding(model.get_submodule(name), choice)
     if not tied:
         return {name: embedding}
     return {name: embedding, head_name: TiedQuantLinear(embedding, getattr(head, "bias", None))}
+
+
+def _gguf_replacements(model: nn.Module, unit: str, choice: Choice, tied: bool) -> dict[str, nn.Module]:
+    """The GGUF-block modules of :func:`embedding_replacements` (no importance: the table has no inputs)."""
+    adapter = adapter_for(model)
+    name, head_name = adapter.embeddings[0], adapter.lm_head
+    head = model.get_submodule(head_name)
+    if unit == head_name:
+        return {head_name: GGUFLinear.from_weight(head.weight, choice.gguf, head.bias)}
+    embedding = GGUFEmbedding.from_embedding(model.get_submodule(name), choice.gguf)
+    if not tied:
+        return {name: embedding}
+    return {name: embedding, head_name: TiedGGUFLinear(embedding, getattr(head, "bias", None))}
 
 
 @torch.no_grad()

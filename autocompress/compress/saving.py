@@ -31,8 +31,9 @@ from torch import nn
 from ..artifacts import read_artifact, write_artifact
 from ..errors import UserError
 from ..models import HeadLayout, adapter_for, config_head_dim, normalize
-from ..schedule import Schedule
+from ..schedule import GGUF_TYPE_BITS, Schedule
 from .apply import block_head_layout
+from .gguf_linear import GGUFEmbedding, GGUFLinear, TiedGGUFLinear
 from .prune import set_channel_attributes, set_head_attributes, set_submodule
 from .quant_embedding import QuantEmbedding, TiedQuantLinear, embedding_scale
 from .quantize import QuantLinear
@@ -49,6 +50,8 @@ def _linear_record(module: nn.Module) -> dict:
     record = {"out": module.out_features, "in": module.in_features, "bias": module.bias is not None}
     if isinstance(module, QuantLinear):
         record.update(bits=module.bits, group_size=module.group_size)
+    elif isinstance(module, GGUFLinear):
+        record.update(bits=GGUF_TYPE_BITS.get(module.gguf_type, 16), group_size=None, gguf=module.gguf_type)
     else:
         record.update(bits=16, group_size=None)
     return record
@@ -72,10 +75,15 @@ def structure_record(model: nn.Module) -> dict:
                             "dim": embedding.embedding_dim, "bits": embedding.bits,
                             "group_size": embedding.group_size, "padding_idx": embedding.padding_idx,
                             "tied": isinstance(head, TiedQuantLinear) and head.embedding is embedding}
+    elif isinstance(embedding, GGUFEmbedding):
+        embedding_record = {"name": adapter.embeddings[0], "rows": embedding.num_embeddings,
+                            "dim": embedding.embedding_dim, "bits": GGUF_TYPE_BITS.get(embedding.gguf_type, 16),
+                            "group_size": None, "gguf": embedding.gguf_type, "padding_idx": embedding.padding_idx,
+                            "tied": isinstance(head, TiedGGUFLinear) and head.embedding is embedding}
     tied = embedding_record is not None and embedding_record["tied"]
     return {"family": adapter.family, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "blocks": blocks,
-            "lm_head": _linear_record(head) if isinstance(head, QuantLinear) and not tied else None,
+            "lm_head": _linear_record(head) if isinstance(head, (QuantLinear, GGUFLinear)) and not tied else None,
             "embedding": embedding_record}
 
 
@@ -176,6 +184,8 @@ def _empty_linear(record: dict, dtype: torch.dtype) -> nn.Module:
         from .lora import LoRAQuantLinear  # noqa: PLC0415
 
         return LoRAQuantLinear.empty(_empty_linear({**record, "lora_rank": 0}, dtype), record)
+    if record.get("gguf"):
+        return GGUFLinear(record["in"], record["out"], record["gguf"], bias=record["bias"], dtype=dtype)
     if record["bits"] < 16:
         return QuantLinear(record["in"], record["out"], record["bits"], record["group_size"],
                            bias=record["bias"], dtype=dtype)
@@ -222,6 +232,14 @@ def _rebuild_embedding(model: nn.Module, adapter, spec: dict, dtype: torch.dtype
     if spec.get("name", name) != name:
         raise UserError(f"autocompress.json records the embedding {spec['name']!r}, but this family's is {name!r}")
     original = model.get_submodule(name)
+    if spec.get("gguf"):
+        embedding = GGUFEmbedding(spec["rows"], spec["dim"], spec["gguf"], padding_idx=spec.get("padding_idx"),
+                                  embed_scale=embedding_scale(original), dtype=dtype)
+        set_submodule(model, name, embedding)
+        if spec.get("tied"):
+            head = model.get_submodule(adapter.lm_head)
+            set_submodule(model, adapter.lm_head, TiedGGUFLinear(embedding, getattr(head, "bias", None)))
+        return
     embedding = QuantEmbedding(spec["rows"], spec["dim"], spec["bits"], spec["group_size"],
                                padding_idx=spec.get("padding_idx"), embed_scale=embedding_scale(original), dtype=dtype)
     set_submodule(model, name, embedding)

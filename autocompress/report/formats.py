@@ -57,7 +57,7 @@ def choice_label(choice: Choice) -> str:
     """A short label of a choice in the profile's vocabulary (``bits=3``, ``bits=4 + 2:4``, ``drop``)."""
     if choice.drop:
         return "drop"
-    parts = [f"bits={choice.bits}"] if choice.quantized else []
+    parts = [choice.gguf or f"bits={choice.bits}"] if choice.quantized else []
     if choice.pattern is SparsityPattern.TWO_FOUR:
         parts.append("2:4")
     elif choice.pattern is SparsityPattern.UNSTRUCTURED and choice.sparsity > 0:

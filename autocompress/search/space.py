@@ -18,6 +18,12 @@ A space file (``search_spaces/default.yaml`` and friends, or a user's own)::
     tie: [[q, k, v], [gate, up]]   # linear granularity: roles sharing one bit width
     frozen: [model.layers.0]    # units kept as they are (regex with a 're:' prefix)
 
+A GGUF space (``search_spaces/gguf.yaml``) names llama.cpp's block types instead of bit widths
+and group sizes: ``gguf: [Q8_0, Q6_K, Q4_K]`` and ``embedding_gguf: [Q8_0, Q6_K]`` (``bits``
+may then list only 16, the "keep" choice). Labels are ``bits=4/Q4_K``; bytes follow each
+type's block layout, with llama.cpp's fallback type where a row is not a whole number of
+blocks; a schedule from it exports to GGUF exactly as measured.
+
 The profile measures every *single-axis* choice of the space (:meth:`SearchSpace.probe_choices`);
 the search combines one quantization (bit width and group size) with at most one pruning
 choice per unit. Quantization labels are ``bits=4`` when the space has one group size and
@@ -37,7 +43,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..schedule import ALLOWED_BITS, Choice, Observer, QuantMethod, SparsityPattern
+from ..schedule import ALLOWED_BITS, GGUF_TYPE_BITS, Choice, Observer, QuantMethod, SparsityPattern
 
 
 def label_bits(label: str) -> int:
@@ -71,6 +77,8 @@ class SearchSpace:
     drop: bool = False
     tie: tuple[tuple[str, ...], ...] = ()
     frozen: tuple[str, ...] = ()
+    gguf: tuple[str, ...] = ()
+    embedding_gguf: tuple[str, ...] = ()
     description: str = ""
     source: str = field(default="", compare=False)
 
@@ -94,12 +102,16 @@ class SearchSpace:
         return f"bits={bits}/g{'ch' if group_size is None else group_size}"
 
     def quant_choices(self) -> list[tuple[str, Choice]]:
-        """Every quantizing choice (bit width below 16 x group size), labelled."""
+        """Every quantizing choice (bit width below 16 x group size, or GGUF type), labelled."""
+        if self.gguf:
+            return [(f"bits={GGUF_TYPE_BITS[t]}/{t}", Choice(gguf=t)) for t in self.gguf]
         return [(self.quant_label(b, g), self.quant_choice(b, g)) for b in self.bits if b < 16
                 for g in self.group_sizes]
 
     def embedding_choices(self) -> list[tuple[str, Choice]]:
         """The embedding unit's quantizing choices (round-to-nearest), labelled ``embed:bits=...``."""
+        if self.embedding_gguf:
+            return [(f"embed:bits={GGUF_TYPE_BITS[t]}/{t}", Choice(gguf=t)) for t in self.embedding_gguf]
         return [(f"embed:{self.quant_label(b, g)}", Choice(bits=b, group_size=g, observer=self.observer))
                 for b in self.embedding_bits if b < 16 for g in self.group_sizes]
 
@@ -152,11 +164,13 @@ class SearchSpace:
                 "embedding_bits": list(self.embedding_bits), "sparsity": list(self.sparsity),
                 "two_four": self.two_four, "head_ratio": list(self.head_ratio),
                 "channel_ratio": list(self.channel_ratio), "drop": self.drop,
-                "tie": [list(t) for t in self.tie], "frozen": list(self.frozen), "description": self.description}
+                "tie": [list(t) for t in self.tie], "frozen": list(self.frozen), "description": self.description,
+                **({"gguf": list(self.gguf), "embedding_gguf": list(self.embedding_gguf)} if self.gguf else {})}
 
 
 _KEYS = {"name", "granularity", "group_size", "method", "act_order", "observer", "bits", "embedding_bits", "sparsity",
-         "two_four", "head_ratio", "channel_ratio", "drop", "tie", "frozen", "description"}
+         "two_four", "head_ratio", "channel_ratio", "drop", "tie", "frozen", "description", "gguf",
+         "embedding_gguf"}
 _ROLES = {"q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up"}
 
 
@@ -167,6 +181,14 @@ def _ratios(value: Any, where: str) -> tuple[float, ...]:
         if not 0 < v < 1:
             raise UserError(f"{where}: ratio {v} is outside (0, 1)")
     return tuple(sorted(float(v) for v in value))
+
+
+def _gguf_types(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or any(not isinstance(t, str) or t not in GGUF_TYPE_BITS for t in value):
+        raise UserError(f"{where}: expected a list drawn from {list(GGUF_TYPE_BITS)}, got {value!r}")
+    if len(set(value)) != len(value):
+        raise UserError(f"{where}: a type is listed twice in {value!r}")
+    return tuple(sorted(value, key=lambda t: (-GGUF_TYPE_BITS[t], list(GGUF_TYPE_BITS).index(t))))
 
 
 def _observer(value: Any, where: str) -> Observer:
@@ -229,6 +251,18 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
                 re.compile(pattern[3:])
             except re.error as exc:
                 raise UserError(f"{where('frozen')}: bad regular expression {pattern!r} ({exc})") from None
+    gguf = _gguf_types(data.get("gguf", []), where("gguf"))
+    embedding_gguf = _gguf_types(data.get("embedding_gguf", []), where("embedding_gguf"))
+    if embedding_gguf and not gguf:
+        raise UserError(f"{where('embedding_gguf')}: needs gguf types for the decoder too (a gguf: list)")
+    if gguf and (set(bits) != {16} and "bits" in data or embedding_bits):
+        raise UserError(f"{where('gguf')}: a GGUF space lists types, not bit widths; keep bits to [16] (the "
+                        f"keep choice) and use embedding_gguf instead of embedding_bits")
+    if gguf and (method is not QuantMethod.RTN or data.get("act_order") or "group_size" in data):
+        raise UserError(f"{where('gguf')}: GGUF types are quantized as llama.cpp does; drop method, act_order "
+                        f"and group_size from the space")
+    if embedding_gguf:
+        embedding_bits = [16]
     description = data.get("description", "")
     if not isinstance(description, str):
         raise UserError(f"{where('description')}: expected a string")
@@ -241,7 +275,8 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
         head_ratio=_ratios(data.get("head_ratio", []), where("head_ratio")),
         channel_ratio=_ratios(data.get("channel_ratio", []), where("channel_ratio")),
         drop=_flag(data.get("drop", False), where("drop")),
-        tie=tuple(tuple(t) for t in tie), frozen=tuple(frozen), description=description, source=source,
+        tie=tuple(tuple(t) for t in tie), frozen=tuple(frozen), gguf=gguf, embedding_gguf=embedding_gguf,
+        description=description, source=source,
     )
     if space.granularity is Granularity.LINEAR and (space.head_ratio or space.channel_ratio or space.drop):
         raise UserError(f"{source}: head_ratio, channel_ratio and drop need granularity: block")
@@ -249,8 +284,8 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
         raise UserError(f"{where('observer')}: observer {space.observer.value!r} needs act_order: true with gptq")
     if space.act_order and space.method is not QuantMethod.GPTQ:
         raise UserError(f"{where('act_order')}: act-order is a GPTQ setting; set method: gptq or drop act_order")
-    if len(space.bits) == 1 and len(space.group_sizes) == 1 and not space.prune_choices() \
-            and len(space.embedding_bits) < 2:
+    if len(space.bits) + len(space.gguf) == 1 and len(space.group_sizes) == 1 and not space.prune_choices() \
+            and len(space.embedding_bits) + len(space.embedding_gguf) < 2:
         raise UserError(f"{source}: the space offers no choice (one bit width and no pruning)")
     return space
 
