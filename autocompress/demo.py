@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -44,6 +45,8 @@ class DemoConfig:
     calib_tokens: int = 4096
     eval_tokens: int = 16384
     window: int = 512
+    device: torch.device | str = "cpu"  # where every stage runs (see autocompress.device)
+    dtype: torch.dtype = torch.float32  # how the model is stored; statistics stay float32
 
 
 def _evaluate_to(path: Path, spec: str, config: DemoConfig, reference=None):
@@ -51,12 +54,12 @@ def _evaluate_to(path: Path, spec: str, config: DemoConfig, reference=None):
     from .evaluate import evaluate, write_eval  # noqa: PLC0415
     from .models import load_model  # noqa: PLC0415
 
-    loaded = load_model(spec)
+    loaded = load_model(spec, dtype=config.dtype, device=config.device)
     stream = load_tokens(config.data, loaded.tokenizer, Split.EVALUATION, config.eval_tokens)
     result = evaluate(loaded.model, stream.tokens, model_name=spec, data_name=f"{config.data} (evaluation)",
                       window=config.window, reference=reference, decode_tokens=16, bos=bos_id(loaded.tokenizer))
     write_eval(result, path)
-    return loaded.model, result
+    return loaded, result
 
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
@@ -101,19 +104,21 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     settings = ProfileSettings(tokens=config.profile_tokens, seq_len=seq_len, role_tokens=config.role_tokens,
                                calib_tokens=config.calib_tokens)
     try:
-        outcome = profile_run(config.model, run_dir, data=config.data, space=config.space, settings=settings)
+        outcome = profile_run(config.model, run_dir, data=config.data, space=config.space, settings=settings,
+                              device=config.device, dtype=config.dtype)
     except UserError as exc:  # a profile of an older demo (another space or preset) is replaced
         console.print(f"[yellow]{exc}[/yellow]; profiling again")
         (run_dir / "study.db").unlink(missing_ok=True)  # its trials measured the old profile's choices
         outcome = profile_run(config.model, run_dir, data=config.data, space=config.space, settings=settings,
-                              force=True)
+                              force=True, device=config.device, dtype=config.dtype)
     lap("profile" + (" (reused)" if outcome.reused else ""))
     found = search(SearchSettings(str(run_dir), (config.budget,), trials=config.trials,
-                                  resume=(run_dir / "study.db").exists()))
+                                  resume=(run_dir / "study.db").exists()),
+                   model=original.model, tokenizer=original.tokenizer)
     lap("search")
-    applied = apply_run(ApplyConfig(run_dir, overwrite=True))
+    applied = apply_run(ApplyConfig(run_dir, overwrite=True, device=config.device, dtype=config.dtype))
     lap("apply")
-    _, compressed = _evaluate_to(run_dir / "eval.json", str(applied.out), config, reference=original)
+    _, compressed = _evaluate_to(run_dir / "eval.json", str(applied.out), config, reference=original.model)
     lap("evaluate the compressed model")
     report = write_report(run_dir)
     if config.reports is not None:

@@ -54,7 +54,12 @@ def windows(tokens: torch.Tensor, window: int, bos: int | None = None) -> torch.
 
 
 def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    # float32 logits whatever the model's dtype: losses and KL are accumulated in float32.
     return model(input_ids=batch, use_cache=False).logits.float()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.inference_mode()
@@ -68,7 +73,7 @@ def stream_metrics(model: nn.Module, tokens: torch.Tensor, *, window: int = 512,
     (:func:`~autocompress.data.bos_id`) every window starts with BOS, and the scored targets
     are then all of the window's text tokens, BOS never among them.
     """
-    batches = windows(tokens, window, bos).split(batch_size)
+    batches = windows(tokens, window, bos).to(_device(model)).split(batch_size)
     nll_sum, kl_sum, agree, counted = 0.0, 0.0, 0, 0
     start = time.perf_counter()
     model_seconds = 0.0
@@ -112,7 +117,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_
 @torch.inference_mode()
 def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -> float:
     """Greedy decoding speed in tokens per second with the KV cache (batch 1)."""
-    ids = prompt.view(1, -1)
+    ids = prompt.view(1, -1).to(_device(model))
     out = model(input_ids=ids, use_cache=True)
     cache, next_id = out.past_key_values, out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()

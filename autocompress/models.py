@@ -283,14 +283,26 @@ def _from_pretrained(location: str, gguf_file: str | None, dtype: torch.dtype, t
     return model, tokenizer
 
 
-def load_model(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer from an alias, a ``.gguf`` file, a directory or a hub id.
+
+    The model's floating-point parameters are stored in ``dtype`` and it is moved to ``device``
+    (see :mod:`autocompress.device`; a compressed model's packed codes and scales keep theirs).
 
     Example::
 
         loaded = load_model("smollm2-135m")
         loaded.adapter.blocks(loaded.model)  # 30 LlamaDecoderLayer
     """
+    from .device import place  # noqa: PLC0415
+
+    loaded = _load(spec, dtype, trust_remote_code)
+    place(loaded.model, device, dtype)
+    return loaded
+
+
+def _load(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
     path = Path(spec).expanduser()
     if spec in ALIASES:
         return _load_alias(spec, dtype)

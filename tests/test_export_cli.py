@@ -100,3 +100,29 @@ def test_compressed_tensors_auto_layout_is_standard_when_transformers_can_load_i
     assert result.details.layout.value == layout and result.details.transformers_loadable
     assert sum(linear.bits < 16 for linear in result.details.linears) == 21
     assert (tmp_path / "ct" / "config.json").is_file()
+
+
+def test_the_gguf_space_end_to_end_profile_search_apply_export(tmp_path, tokenizer, monkeypatch):
+    """The verbs a user runs: the search measures GGUF types, apply ships them, export writes them verbatim."""
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "text.txt").write_text("\n\n".join(f"Paragraph {i} tells how the function returns a value. " * 5
+                                                   for i in range(40)))
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", "text.txt", "--threads", "1"]
+    assert main(["profile", "model", "--out", "run", "--space", "gguf", "--tokens", "128", "--seq-len", "64",
+                 "--no-roles", "--no-proxies", "--calib-tokens", "128", "--calib-seq-len", "64", *common]) == 0
+    assert main(["search", "run", "--budget", "memory=40%", "--space", "gguf", "--trials", "8", "--holdout-tokens",
+                 "128", "--window", "64", "--no-progress", "--threads", "1"]) == 0
+    assert main(["apply", "run", "--calib-tokens", "128", "--seq-len", "64", "--valid-tokens", "128", *common]) == 0
+    assert main(["export", "run", "--format", "gguf", "--out", "model.gguf", "--window", "64", "--kl-tokens", "0",
+                 *common]) == 0
+    schedule = Schedule.load(tmp_path / "run" / "schedule.json")
+    assert any(choice.gguf for choice in schedule.units.values())
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    written = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert set(written.values()) - {"F32", "F16"}  # GGUF block types, as searched
+    shipped = load_model("run/model").model
+    tokens = random_tokens(64, seed=5).view(2, 32)
+    expected = logits(shipped, tokens)
+    assert (logits(gguf_to_torch(tmp_path / "model.gguf"), tokens) - expected).abs().max() / expected.abs().max() <= 1e-4

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_threads, add_trust_remote_code, bounded, non_negative_float, non_negative_int, positive_int
+from .common import (add_device_options, add_threads, add_trust_remote_code, bounded, device_options,
+                     non_negative_float, non_negative_int, positive_int)
 
 
 def _fraction(text: str) -> float:
@@ -73,6 +74,7 @@ def register(verbs) -> None:
     staged.add_argument("--temperature", type=non_negative_float, default=1.0, help="distillation temperature (default 1)")
     add_trust_remote_code(ap)
     add_threads(ap)
+    add_device_options(ap)
     ap.set_defaults(run=run)
 
 
@@ -88,6 +90,7 @@ def run(args) -> int:
 
     if args.out:
         check_output(args.out, "--out", directory=True)
+    device, dtype = device_options(args)
     staged = None
     if args.staged:
         gates = Gates(step_kl=args.gate_kl, step_ppl_increase=None if args.no_step_gate else args.gate_ppl_increase,
@@ -108,7 +111,7 @@ def run(args) -> int:
                                    calib_tokens=args.calib_tokens, valid_tokens=args.valid_tokens,
                                    sequential=args.sequential,
                                    seq_len=args.seq_len, staged=staged, overwrite=args.overwrite,
-                                   trust_remote_code=args.trust_remote_code))
+                                   trust_remote_code=args.trust_remote_code, device=device, dtype=dtype))
     console = Console()
     if result.staged is not None:
         console.print(staged_table(result.staged.steps, result.staged.original_bytes,

@@ -40,3 +40,19 @@ def add_threads(parser: argparse.ArgumentParser) -> None:
 def add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
     """``--trust-remote-code``: only on request, never by default."""
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``: where the model runs and how it is stored (resolved by the verb)."""
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                        help="where the model runs (default auto: CUDA when a GPU is present, else the CPU)")
+    parser.add_argument("--dtype", default="auto", metavar="auto|bfloat16|float16|float32",
+                        help="how the weights and activations are stored (default auto: bfloat16 on CUDA, "
+                             "float32 on the CPU); statistics, GPTQ and KL are computed in float32 regardless")
+
+
+def device_options(args) -> tuple:
+    """The ``(torch.device, torch.dtype)`` of ``--device`` and ``--dtype`` (a one-line UserError when wrong)."""
+    from ..device import resolve  # noqa: PLC0415
+
+    return resolve(args.device, args.dtype)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_threads, positive_int
+from .common import add_device_options, add_threads, device_options, positive_int
 
 
 def register(verbs) -> None:
@@ -21,6 +21,7 @@ def register(verbs) -> None:
     demo.add_argument("--tokens", type=positive_int, default=16384, help="evaluation tokens (default 16384)")
     demo.add_argument("--reports", default="reports", help="where the report is copied (default reports/)")
     add_threads(demo)
+    add_device_options(demo)
     demo.set_defaults(run=run)
 
 
@@ -28,7 +29,8 @@ def run(args) -> int:
     """Run the demo."""
     from ..demo import DemoConfig, run_demo  # noqa: PLC0415
 
+    device, dtype = device_options(args)
     run_demo(DemoConfig(out=Path(args.out), budget=args.budget, trials=args.trials,
                         profile_tokens=args.profile_tokens, eval_tokens=args.tokens,
-                        reports=Path(args.reports) if args.reports else None))
+                        reports=Path(args.reports) if args.reports else None, device=device, dtype=dtype))
     return 0

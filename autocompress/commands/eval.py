@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_threads, add_trust_remote_code, non_negative_int, positive_int
+from .common import add_device_options, add_threads, add_trust_remote_code, device_options, non_negative_int, positive_int
 
 
 def register(verbs) -> None:
@@ -23,6 +23,7 @@ def register(verbs) -> None:
     ev.add_argument("--out", help="where to write eval.json (default: ./eval.json, or inside a compressed model dir)")
     add_trust_remote_code(ev)
     add_threads(ev)
+    add_device_options(ev)
     ev.set_defaults(run=run)
 
 
@@ -41,11 +42,13 @@ def run(args) -> int:
                         f"raise --tokens or lower --window")
     if args.out:
         check_output(args.out, "--out")
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    device, dtype = device_options(args)
+    loaded = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     stream = load_tokens(args.data, loaded.tokenizer, Split(args.split), args.tokens)
     reference = None
     if args.reference:
-        reference = load_model(args.reference, trust_remote_code=args.trust_remote_code).model
+        reference = load_model(args.reference, dtype=dtype, device=device,
+                               trust_remote_code=args.trust_remote_code).model
         mine, theirs = (m.get_input_embeddings().num_embeddings for m in (loaded.model, reference))
         if mine != theirs:
             raise UserError(f"--reference {args.reference} has a vocabulary of {theirs} tokens and {args.model!r} one "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_threads, add_trust_remote_code, positive_int
+from .common import add_device_options, add_threads, add_trust_remote_code, device_options, positive_int
 
 
 def register(verbs) -> None:
@@ -62,6 +62,7 @@ def register(verbs) -> None:
                          "RUN/calibration.safetensors and the GPTQ codes; no MODEL then")
     add_trust_remote_code(pr)
     add_threads(pr)
+    add_device_options(pr)
     pr.set_defaults(run=run)
 
 
@@ -82,6 +83,7 @@ def run(args) -> int:
         raise UserError("--calibration-from works with --shard K/N only")
     if args.shard and args.predict:
         raise UserError("--shard and --predict do not combine; profile the shards without --predict")
+    device, dtype = device_options(args)
     console = Console()
     if args.merge:
         from ..profile.shard import merge_profiles  # noqa: PLC0415
@@ -100,7 +102,7 @@ def run(args) -> int:
         shard = Shard.parse(args.shard)
         done = profile_shard(args.model, args.out, shard, data=args.data, space=args.space,
                              granularity=args.granularity, settings=settings, calibration_from=args.calibration_from,
-                             force=args.force, trust_remote_code=args.trust_remote_code)
+                             force=args.force, trust_remote_code=args.trust_remote_code, device=device, dtype=dtype)
         part = done.partial
         verb = "reused" if done.reused else "wrote"
         console.print(f"{verb} {done.path} (shard {shard}: {len(part.measured)} of {len(part.unit_names)} units x "
@@ -113,11 +115,12 @@ def run(args) -> int:
 
         outcome = guided_profile_run(args.model, args.out, args.predict, fraction=args.measure_fraction,
                                      data=args.data, space=args.space, granularity=args.granularity,
-                                     settings=settings, force=args.force, trust_remote_code=args.trust_remote_code)
+                                     settings=settings, force=args.force, trust_remote_code=args.trust_remote_code,
+                                     device=device, dtype=dtype)
     else:
         outcome = profile_run(args.model, args.out, data=args.data, space=args.space,
                               granularity=args.granularity, settings=settings, force=args.force,
-                              trust_remote_code=args.trust_remote_code)
+                              trust_remote_code=args.trust_remote_code, device=device, dtype=dtype)
     profile = outcome.profile
     _print_tables(console, profile, args.top)
     if profile.meta.get("predicted_units"):

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_threads, non_negative_int, positive_int
+from .common import add_device_options, add_threads, device_options, non_negative_int, positive_int
+
+# Latency devices that ``--device`` took before it named where the model runs (still read as ``--latency-device``).
+_LATENCY_ONLY = ("h100", "h200", "a100", "rtx4090")
 
 
 def register(verbs) -> None:
@@ -41,8 +44,9 @@ def register(verbs) -> None:
                     help="calibration tokens for Wanda/GPTQ statistics, at most the profile's (default: the profile's)")
     se.add_argument("--window", type=positive_int, default=256, help="window length (default 256)")
     se.add_argument("--warm-start", metavar="SCHEDULE", help="enqueue schedules transferred from SCHEDULE first")
-    se.add_argument("--device", default="h100", help="device for latency figures (default h100; a latency "
-                                                      "budget's @DEVICE wins)")
+    se.add_argument("--latency-device", default=None, metavar="NAME",
+                    help="device for latency figures: h100, h200, a100, rtx4090 or cpu (default h100; a latency "
+                         "budget's @DEVICE wins)")
     se.add_argument("--batch", type=positive_int, default=1, help="decode batch for latency (default 1)")
     se.add_argument("--context", type=positive_int, default=512, help="KV-cache length for latency (default 512)")
     se.add_argument("--measure-latency", dest="measure_latency", action="store_const", const=True, default=None,
@@ -52,6 +56,7 @@ def register(verbs) -> None:
     se.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a spawned worker process
     se.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads(se)
+    add_device_options(se)
     se.set_defaults(run=run)
 
 
@@ -64,6 +69,10 @@ def run(args) -> int:
     from ..search.study import SearchSettings, result_table, search  # noqa: PLC0415
 
     check_specs(args.budget)
+    latency_device = args.latency_device or "h100"
+    if args.device.lower() in _LATENCY_ONLY:  # the earlier meaning of --device (older worker command lines)
+        latency_device, args.device = args.latency_device or args.device.lower(), "auto"
+    device, dtype = device_options(args)
     if args.storage:
         check_storage(args.storage, args.run_dir)
     space = args.space or profile_space_file(args.run_dir)
@@ -71,10 +80,11 @@ def run(args) -> int:
         run_dir=args.run_dir, budget=tuple(args.budget), trials=args.trials, space=space, storage=args.storage,
         study_name=args.study_name, resume=args.resume, pareto=args.pareto, workers=args.workers, seed=args.seed,
         holdout_tokens=args.holdout_tokens, window=args.window, calibration_tokens=args.calibration_tokens,
-        measure=args.measure, warm_start=args.warm_start, device=args.device, batch=args.batch,
+        measure=args.measure, warm_start=args.warm_start, device=latency_device, batch=args.batch,
         context=args.context, measure_latency=args.measure_latency, progress=not (args.no_progress or args.worker),
         finalize=not args.worker, threads=args.threads)
-    result = search(settings)
+    model, tokenizer = _load_profiled_model(args.run_dir, device, dtype)
+    result = search(settings, model=model, tokenizer=tokenizer)
     if args.worker:
         return 0
     console = Console()
@@ -84,6 +94,23 @@ def run(args) -> int:
     console.print(f"wrote {args.run_dir}/schedule.json and {args.run_dir}/search.json (study {result.study_name!r} "
                   f"in {result.storage})")
     return 0
+
+
+def _load_profiled_model(run_dir: str, device, dtype):
+    """The model ``RUN/profile.json`` was made from, on ``device`` in ``dtype``; (None, None) when
+    there is no readable profile (the search says what is missing)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from ..errors import UserError  # noqa: PLC0415
+    from ..models import load_model  # noqa: PLC0415
+    from ..profile.artifact import Profile  # noqa: PLC0415
+
+    try:
+        profile = Profile.load(Path(run_dir) / "profile.json")
+    except UserError:
+        return None, None
+    loaded = load_model(profile.model, dtype=dtype, device=device)
+    return loaded.model, loaded.tokenizer
 
 
 def profile_space_file(run_dir: str) -> str | None:

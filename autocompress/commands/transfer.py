@@ -1,7 +1,7 @@
 """``autocompress transfer SCHEDULE NEW_MODEL --budget ...``: reuse a learned schedule on another model."""
 from __future__ import annotations
 
-from .common import add_threads, add_trust_remote_code
+from .common import add_device_options, add_threads, add_trust_remote_code, device_options
 
 
 def register(verbs) -> None:
@@ -34,6 +34,7 @@ def register(verbs) -> None:
     tr.add_argument("--out", default="transfer-run", help="run directory for schedule.json (default: transfer-run)")
     add_trust_remote_code(tr)
     add_threads(tr)
+    add_device_options(tr)
     tr.set_defaults(run=run)
 
 
@@ -87,6 +88,7 @@ def run(args) -> int:
 
     check_specs(args.budget)
     check_output(args.out, "--out", directory=True)
+    device, dtype = device_options(args)
     source = load_source(args.schedule)
     profile = None
     if args.profile:
@@ -97,7 +99,7 @@ def run(args) -> int:
         profile = Profile.load(path)
     predictor = SensitivityPredictor.load(args.predictor) if args.predictor else None
     space = load_space(args.space) if args.space else None
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     model = loaded.model
     memory = MemoryModel.from_model(model)
     if not memory.blocks:

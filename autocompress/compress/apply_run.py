@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from ..errors import UserError
 from ..schedule import Schedule
 from .staged import StagedConfig, StagedResult
@@ -50,6 +52,8 @@ class ApplyConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    device: torch.device | str = "cpu"  # where the model runs (see autocompress.device)
+    dtype: torch.dtype = torch.float32  # how it is stored while compressing; statistics stay float32
 
 
 @dataclass
@@ -112,7 +116,7 @@ def apply_run(config: ApplyConfig) -> ApplyResult:
     profile_data = profile.data if profile is not None and profile.data != "tokens" else None
     data = config.data or schedule.meta.get("data") or profile_data or "stdlib-docs"
 
-    loaded = load_model(spec, trust_remote_code=config.trust_remote_code)
+    loaded = load_model(spec, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
     model = loaded.model
     fingerprint = model_fingerprint(model)
     schedule.validate(model, fingerprint=fingerprint)

@@ -180,7 +180,7 @@ def trainable_parameters(model: nn.Module, config: DistillConfig) -> tuple[list[
 
 
 def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=batch, use_cache=False).logits
+    return model(input_ids=batch.to(next(model.parameters()).device), use_cache=False).logits
 
 
 def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, config: DistillConfig, *,

@@ -452,7 +452,8 @@ class ProfileOutcome:
 
 def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-docs", space: str | SearchSpace = "default",
                 granularity: str | None = None, settings: ProfileSettings = ProfileSettings(), force: bool = False,
-                trust_remote_code: bool = False) -> ProfileOutcome:
+                trust_remote_code: bool = False, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> ProfileOutcome:
     """Profile ``model_spec`` into ``out_dir/profile.json``, or reuse the one there.
 
     An existing profile whose model, data and space fingerprints all match is returned as is;
@@ -460,12 +461,13 @@ def profile_run(model_spec: str, out_dir: str | Path, *, data: str = "stdlib-doc
     Every unit is kept in ``out_dir/profile.units/`` as soon as it is measured, so a run killed
     midway resumes with the units it finished (same inputs only; ``force`` measures all again);
     the folder is removed once ``profile.json`` is written.
-    ``granularity`` ("block" or "linear") overrides the space's.
+    ``granularity`` ("block" or "linear") overrides the space's. The model runs on ``device``
+    stored in ``dtype`` (see :mod:`autocompress.device`); statistics and KL stay float32.
     """
     from ..run_calibration import load_calibration, save_calibration  # noqa: PLC0415
 
     inputs = load_inputs(model_spec, data=data, space=space, granularity=granularity, settings=settings,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     path = Path(out_dir) / "profile.json"
     if path.exists() and not force:
         existing = Profile.load(path)
@@ -505,9 +507,10 @@ class RunInputs:
 
 
 def load_inputs(model_spec: str, *, data: str, space: str | SearchSpace, granularity: str | None,
-                settings: ProfileSettings, trust_remote_code: bool = False) -> RunInputs:
-    """Check ``settings``, then load the space, the model and the calibration tokens (a UserError,
-    before anything is written, when they do not fit together)."""
+                settings: ProfileSettings, trust_remote_code: bool = False, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> RunInputs:
+    """Check ``settings``, then load the space, the model (on ``device``, in ``dtype``) and the
+    calibration tokens (a UserError, before anything is written, when they do not fit together)."""
     from ..data import Split, bos_id, load_tokens  # noqa: PLC0415
     from ..models import load_model  # noqa: PLC0415
 
@@ -519,7 +522,7 @@ def load_inputs(model_spec: str, *, data: str, space: str | SearchSpace, granula
         raise UserError(f"--calib-tokens {settings.calib_tokens} is less than one row of --calib-seq-len "
                         f"{settings.calib_seq_len}; raise --calib-tokens or lower --calib-seq-len")
     space = resolve_space(space, granularity)
-    loaded = load_model(model_spec, trust_remote_code=trust_remote_code)
+    loaded = load_model(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if not unit_refs(loaded.model, space):
         raise UserError(f"search space {space.name!r} leaves no unit of {model_spec} unfrozen; "
                         f"remove some 'frozen' entries")

@@ -54,12 +54,16 @@ class OutputReference:
         # The closed form needs logits linear in the hidden state; soft-capped heads (Gemma 2)
         # and quantized heads take the direct path: recompute the original logits per chunk.
         self.linear = self.softcap is None and type(self.head) is nn.Linear
-        self.targets = tokens[:, 1:].reshape(-1)
+        # Logits and KL in float32 whatever the model's dtype (a no-op copy for a float32 head).
+        self.weight = self.head.weight.float() if self.linear else None
         self.normed = self._normed(final_hidden)
+        self.device = self.normed.device
+        self.targets = tokens[:, 1:].reshape(-1).to(self.device)
         self.positions = self.normed.shape[0]
-        self.lse = torch.empty(self.positions, dtype=torch.float64)
-        self.nll = torch.empty(self.positions, dtype=torch.float64)
-        self.expected = torch.empty_like(self.normed) if self.linear else None  # p W per position
+        self.lse = torch.empty(self.positions, dtype=torch.float64, device=self.device)
+        self.nll = torch.empty(self.positions, dtype=torch.float64, device=self.device)
+        # p W per position
+        self.expected = torch.empty(self.normed.shape, device=self.device) if self.linear else None
         for chunk in self._chunks():
             logits = self._logits(self.normed[chunk])
             log_probs = F.log_softmax(logits, dim=-1)
@@ -68,7 +72,7 @@ class OutputReference:
                 self.lse[chunk] = torch.logsumexp(logits, dim=-1).double()
                 target_logit = logits.gather(-1, self.targets[chunk, None]).squeeze(-1).double()
                 self.nll[chunk] = self.lse[chunk] - target_logit
-                self.expected[chunk] = log_probs.exp() @ self.head.weight
+                self.expected[chunk] = log_probs.exp() @ self.weight
             else:
                 self.nll[chunk] = -log_probs.gather(-1, self.targets[chunk, None]).squeeze(-1).double()
 
@@ -87,11 +91,11 @@ class OutputReference:
 
     def _logits(self, normed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.linear:
-            logits = torch.mm(normed, self.head.weight.t(), out=out)
+            logits = torch.mm(normed.float(), self.weight.t(), out=out)
             if self.head.bias is not None:
-                logits += self.head.bias
+                logits += self.head.bias.float()
             return logits
-        logits = self.head(normed)
+        logits = self.head(normed).float()
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -100,9 +104,10 @@ class OutputReference:
     def compare(self, final_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position KL(original || changed) and changed loss - original loss, both float64."""
         normed = self._normed(final_hidden)
-        kl = torch.empty(self.positions, dtype=torch.float64)
-        nll = torch.empty(self.positions, dtype=torch.float64)
-        buffer = torch.empty(min(HEAD_CHUNK, self.positions), self.head.out_features) if self.linear else None
+        kl = torch.empty(self.positions, dtype=torch.float64, device=self.device)
+        nll = torch.empty(self.positions, dtype=torch.float64, device=self.device)
+        buffer = torch.empty(min(HEAD_CHUNK, self.positions), self.head.out_features, device=self.device) \
+            if self.linear else None
         for chunk in self._chunks():
             if self.linear:
                 rows = chunk.stop - chunk.start

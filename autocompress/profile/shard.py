@@ -41,6 +41,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..artifacts import fingerprint
 from ..errors import UserError
 from .artifact import FINGERPRINTS, PARTIAL_FILE, PartialProfile, Profile
@@ -97,7 +99,8 @@ class ShardOutcome:
 def profile_shard(model_spec: str, out_dir: str | Path, shard: Shard | str, *, data: str = "stdlib-docs",
                   space="default", granularity: str | None = None, settings: ProfileSettings = ProfileSettings(),
                   calibration_from: str | Path | None = None, force: bool = False,
-                  trust_remote_code: bool = False) -> ShardOutcome:
+                  trust_remote_code: bool = False, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> ShardOutcome:
     """Measure shard ``shard`` (a :class:`Shard` or ``"K/N"``) of the profile into
     ``out_dir/profile.partial.json``, or reuse the one there.
 
@@ -114,7 +117,7 @@ def profile_shard(model_spec: str, out_dir: str | Path, shard: Shard | str, *, d
     shard = Shard.parse(shard) if isinstance(shard, str) else shard
     settings = dataclasses.replace(settings, additivity=False)
     inputs = load_inputs(model_spec, data=data, space=space, granularity=granularity, settings=settings,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     refs = unit_refs(inputs.loaded.model, inputs.space)
     blocks = len({ref.block for ref in refs})
     if shard.count > blocks:

@@ -53,7 +53,8 @@ class SwapEvaluator:
         self.adapter = adapter_for(model)
         self.blocks = self.adapter.blocks(model)
         self.originals = list(self.blocks)
-        self.holdout = holdout  # [windows, window]
+        self.device = next(model.parameters()).device
+        self.holdout = holdout.to(self.device)  # [windows, window], on the model's device
         self.calibration = calibration  # [rows, seq] or None
         self.batch_size = batch_size
         self.max_cached = max_cached
@@ -72,6 +73,7 @@ class SwapEvaluator:
 
     @torch.no_grad()
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        # float32 whatever the model's dtype: KL and loss are accumulated in float32.
         return self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
 
     def _block_inputs(self, index: int) -> BlockInputs:

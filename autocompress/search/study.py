@@ -411,7 +411,7 @@ def worker_command(settings: SearchSettings) -> list[str]:
         cmd += ["--budget", spec]
     options = {"--space": settings.space, "--study-name": settings.study_name, "--holdout-tokens": settings.holdout_tokens,
                "--window": settings.window, "--calibration-tokens": settings.calibration_tokens,
-               "--measure": settings.measure, "--device": settings.device, "--batch": settings.batch,
+               "--measure": settings.measure, "--latency-device": settings.device, "--batch": settings.batch,
                "--context": settings.context, "--threads": settings.threads}
     for flag, value in options.items():
         if value is not None:

@@ -81,8 +81,11 @@ def guided_profile(loaded, stream, space, settings, predictor: SensitivityPredic
 
 def guided_profile_run(model_spec: str, out_dir: str | Path, predict: str, *, fraction: float = 0.25,
                        data: str = "stdlib-docs", space="default", granularity: str | None = None, settings=None,
-                       force: bool = False, trust_remote_code: bool = False):
-    """:func:`guided_profile` from specs into ``out_dir/profile.json`` (refuses to overwrite without ``force``)."""
+                       force: bool = False, trust_remote_code: bool = False, device="cpu", dtype=None):
+    """:func:`guided_profile` from specs into ``out_dir/profile.json`` (refuses to overwrite without ``force``);
+    the model runs on ``device`` stored in ``dtype`` (default float32, see :mod:`autocompress.device`)."""
+    import torch  # noqa: PLC0415
+
     from ..data import Split, load_tokens  # noqa: PLC0415
     from ..models import load_model, model_fingerprint  # noqa: PLC0415
     from ..profile.run import ProfileOutcome, ProfileSettings, resolve_space  # noqa: PLC0415
@@ -95,7 +98,7 @@ def guided_profile_run(model_spec: str, out_dir: str | Path, predict: str, *, fr
     path = Path(out_dir) / "profile.json"
     if path.exists() and not force:
         raise UserError(f"{path} exists; pass --force to replace it with a predictor-guided profile")
-    loaded = load_model(model_spec, trust_remote_code=trust_remote_code)
+    loaded = load_model(model_spec, dtype=dtype or torch.float32, device=device, trust_remote_code=trust_remote_code)
     wanted = max(settings.tokens, settings.role_tokens if settings.roles else 0)
     stream = load_tokens(data, loaded.tokenizer, Split.CALIBRATION, wanted)
     profile = guided_profile(loaded, stream, space, settings, predictor, fraction=fraction, model_name=model_spec,
