@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--targets", default="Q6_K,Q5_K_M,Q4_K_M,Q3_K_M",
                         help="recipes whose file size the searched schedules must fit")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--part", choices=["all", "recipes", "searched", "agreement", "table"], default="all",
+                        help="one part only (agreement needs no profile and can run beside the others)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -135,8 +137,13 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
 
     def record(name: str, path: Path, **extra) -> None:
-        results[name] = {"file": str(path), "bytes": path.stat().st_size, **extra}
+        on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
+        results.update({**on_disk, name: {"file": str(path), "bytes": path.stat().st_size, **extra}})
         atomic_write_bytes(results_path, json.dumps(results, indent=1).encode())
+
+    if args.part == "table":
+        print_table(results)
+        return
 
     chunks = args.eval_tokens // 512
     original = load_model("smollm2-135m")
@@ -148,6 +155,10 @@ def main() -> None:
 
     # 1-2. The 16-bit GGUF and llama.cpp's recipes built from it.
     f16 = out / "smollm2-f16.gguf"
+    if args.part == "agreement":
+        agreement(args, out, tokenizer, eval_text, calib_text, chunks, record)
+        print_table(json.loads(results_path.read_text()))
+        return
     if not f16.exists():
         export_gguf(original.model, tokenizer, f16, progress=False)
     if "F16" not in results:
@@ -156,7 +167,7 @@ def main() -> None:
     if not imatrix.exists():
         tool("imatrix", "-m", str(f16), "-f", str(calib_text), "-c", "512", "--chunks", str(args.calib_tokens // 512),
              "-o", str(imatrix), threads=args.threads)
-    for recipe in RECIPES:
+    for recipe in RECIPES if args.part in ("all", "recipes") else ():
         for weighted in (False, True):
             name = f"{recipe}{' + imatrix' if weighted else ''}"
             if name in results:
@@ -172,7 +183,7 @@ def main() -> None:
     overhead = f16.stat().st_size - dense_bytes(original.model)
     run = out / "run"
     settings = ProfileSettings(tokens=args.profile_tokens, seq_len=256, roles=False, proxies=False, additivity=False)
-    for target in args.targets.split(","):
+    for target in args.targets.split(",") if args.part in ("all", "searched") else ():
         name = f"searched <= {target}"
         if name in results:
             continue
@@ -198,19 +209,24 @@ def main() -> None:
         console.print(f"{name}: {path.stat().st_size / 2**20:.1f} MiB, ppl {results[name]['ppl']:.3f}")
 
     # 4. Agreement with autocompress on a mixed, pruned, block-dropping schedule.
-    if "agreement" not in results:
-        model = load_model("smollm2-135m").model
-        schedule = agreement_schedule(model)
-        calibration = torch.tensor(tokenizer(calib_text.read_text(), add_special_tokens=False)["input_ids"])
-        apply(model, schedule, calibration[: 16 * 512].view(16, 512), progress=False)
-        model_dir = out / "agreement-model"
-        save_compressed(model, tokenizer, schedule, model_dir, overwrite=True)
-        path = out / "smollm2-agreement.gguf"
-        export_run(model_dir, "gguf", path, overwrite=True, kl_tokens=0, importance_tokens=0, progress=False)
-        ours = llamacpp_style_perplexity(model, tokenizer, eval_text, chunks)
-        theirs = llama_perplexity(path, eval_text, chunks, args.threads)
-        record("agreement", path, ppl=theirs, autocompress_ppl=ours, relative=abs(theirs / ours - 1))
-    print_table(results)
+    if args.part in ("all", "agreement") and "agreement" not in results:
+        agreement(args, out, tokenizer, eval_text, calib_text, chunks, record)
+    print_table(json.loads(results_path.read_text()))
+
+
+def agreement(args, out: Path, tokenizer, eval_text: Path, calib_text: Path, chunks: int, record) -> None:
+    """llama-perplexity of the exported agreement schedule against autocompress's own figure."""
+    model = load_model("smollm2-135m").model
+    schedule = agreement_schedule(model)
+    calibration = torch.tensor(tokenizer(calib_text.read_text(), add_special_tokens=False)["input_ids"])
+    apply(model, schedule, calibration[: 16 * 512].view(16, 512), progress=False)
+    model_dir = out / "agreement-model"
+    save_compressed(model, tokenizer, schedule, model_dir, overwrite=True)
+    path = out / "smollm2-agreement.gguf"
+    export_run(model_dir, "gguf", path, overwrite=True, kl_tokens=0, importance_tokens=0, progress=False)
+    ours = llamacpp_style_perplexity(model, tokenizer, eval_text, chunks)
+    theirs = llama_perplexity(path, eval_text, chunks, args.threads)
+    record("agreement", path, ppl=theirs, autocompress_ppl=ours, relative=abs(theirs / ours - 1))
 
 
 def print_table(results: dict) -> None:
