@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .row_embedding import RowEmbedding
+
 
 
 def _quants():
@@ -94,7 +96,7 @@ class GGUFLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-class GGUFEmbedding(nn.Module):
+class GGUFEmbedding(RowEmbedding):
     """A token embedding stored as GGUF blocks; ``forward`` dequantizes only the looked-up rows."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, gguf_type: str, *,
@@ -124,19 +126,9 @@ class GGUFEmbedding(nn.Module):
         """The whole dense table [V, D] in fp32 (for the tied head and tests, never in ``forward``)."""
         return dequantize_blocks(self.blocks, self.gguf_type, self.embedding_dim)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Rows of the ids [...] as [..., D]: gathers and dequantizes only those rows."""
-        flat = input_ids.reshape(-1)
-        rows = dequantize_blocks(self.blocks.index_select(0, flat), self.gguf_type, self.embedding_dim)
-        out = rows.to(self.dtype).view(*input_ids.shape, self.embedding_dim)
-        if self.embed_scale is not None:
-            out = out * self.embed_scale.to(self.dtype)
-        return out
-
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
-        return result
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The fp32 rows [len(ids), D] of the 1-D ``ids``, from their blocks alone."""
+        return dequantize_blocks(self.blocks.index_select(0, ids), self.gguf_type, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, type={self.gguf_type}"

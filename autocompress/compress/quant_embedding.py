@@ -30,9 +30,10 @@ from .gguf_linear import GGUFEmbedding, GGUFLinear, TiedGGUFLinear
 from .gptq import quantize_observed
 from .prune import set_submodule
 from .quantize import SCALE_DTYPE, QuantizedWeight, QuantLinear
+from .row_embedding import RowEmbedding
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(RowEmbedding):
     """A token embedding with packed integer rows; ``forward`` dequantizes only the looked-up rows.
 
     Buffers: ``packed`` uint8 [V, ceil(D * bits / 8)], ``scales`` and ``zeros`` fp16 [V, groups].
@@ -78,22 +79,11 @@ class QuantEmbedding(nn.Module):
         return reference.dequantize_fp32(self.packed, self.scales, self.zeros, self.bits, self.group_size,
                                          self.embedding_dim)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Rows of the ids [...] as [..., D]: gathers and dequantizes only those rows."""
-        flat = input_ids.reshape(-1)
-        rows = reference.dequantize_fp32(self.packed.index_select(0, flat), self.scales.index_select(0, flat),
-                                         self.zeros.index_select(0, flat), self.bits, self.group_size,
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The fp32 rows [len(ids), D] of the 1-D ``ids``, unpacked from their codes alone."""
+        return reference.dequantize_fp32(self.packed.index_select(0, ids), self.scales.index_select(0, ids),
+                                         self.zeros.index_select(0, ids), self.bits, self.group_size,
                                          self.embedding_dim)
-        out = rows.to(self.dtype).view(*input_ids.shape, self.embedding_dim)
-        if self.embed_scale is not None:
-            out = out * self.embed_scale.to(self.dtype)
-        return out
-
-    def _apply(self, fn, recurse=True):
-        # ``module.to(dtype)``/``.half()`` change the output dtype as they would a float weight's.
-        result = super()._apply(fn, recurse)
-        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
-        return result
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"

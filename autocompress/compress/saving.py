@@ -121,6 +121,30 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(error, os.strerror(error), str(b))
 
 
+def staging_dir(out_dir: Path) -> Path:
+    """A fresh hidden folder beside ``out_dir`` to write into before :func:`commit_dir` (UserError if it cannot)."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".part", dir=out_dir.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write {out_dir}: {exc.strerror or exc}; choose another output directory") from None
+
+
+def commit_dir(staging: Path, out_dir: Path) -> None:
+    """Put the finished ``staging`` folder in place of ``out_dir``: one atomic exchange where the
+    system allows, else two renames (a short window without ``out_dir``, never a half one)."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    if not _exchange(staging, out_dir):
+        trash = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)  # left by a process killed here before
+        os.replace(out_dir, trash)
+        os.replace(staging, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)  # the old directory, after an exchange
+
+
 def save_compressed(model: nn.Module, tokenizer, schedule: Schedule | None, out_dir: str | os.PathLike, *,
                     overwrite: bool = False, artifacts: dict[str, tuple[str, int, dict]] | None = None) -> Path:
     """Write a compressed model directory; a failure leaves no partial ``out_dir``.
@@ -140,11 +164,7 @@ def save_compressed(model: nn.Module, tokenizer, schedule: Schedule | None, out_
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UserError(f"{out_dir} already exists; choose another output directory or allow overwriting")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".part", dir=out_dir.parent))
-    except OSError as exc:
-        raise UserError(f"cannot write {out_dir}: {exc.strerror or exc}; choose another output directory") from None
+    staging = staging_dir(out_dir)
     try:
         tensors, aliases = _tensors_to_save(model)
         safetensors.torch.save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
@@ -160,16 +180,7 @@ def save_compressed(model: nn.Module, tokenizer, schedule: Schedule | None, out_
         write_artifact(staging / "autocompress.json", RECORD_TYPE, RECORD_VERSION, record)
         for name, (kind, version, data) in (artifacts or {}).items():
             write_artifact(staging / name, kind, version, data)
-        if out_dir.exists():
-            if not _exchange(staging, out_dir):  # two renames: a short window without out_dir
-                trash = out_dir.with_name(f".{out_dir.name}.old")
-                shutil.rmtree(trash, ignore_errors=True)  # left by a process killed here before
-                os.replace(out_dir, trash)
-                os.replace(staging, out_dir)
-                shutil.rmtree(trash, ignore_errors=True)
-            shutil.rmtree(staging, ignore_errors=True)  # the old directory, after an exchange
-        else:
-            os.replace(staging, out_dir)
+        commit_dir(staging, out_dir)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError):  # a full disk, a lost mount: the old directory (if any) is untouched

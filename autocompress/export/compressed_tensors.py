@@ -36,7 +36,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from torch import nn
 from ..compress.apply import block_head_layout
 from ..compress.quant_embedding import QuantEmbedding, TiedQuantLinear
 from ..compress.quantize import QuantLinear
+from ..compress.saving import commit_dir, staging_dir
 from ..compress.storage import storage_dtype
 from ..errors import UserError
 from ..models import adapter_for, config_head_dim
@@ -294,18 +294,6 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # Writing
 
 
-def _commit(staging: Path, out_dir: Path) -> None:
-    """Put ``staging`` at ``out_dir``; an existing one is moved aside first and removed after."""
-    if out_dir.exists():
-        trash = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(out_dir, trash)
-        os.replace(staging, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
-
-
 @torch.no_grad()
 def export_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *,
                               overwrite: bool = False, layout: Layout = Layout.STANDARD) -> CTExport:
@@ -346,11 +334,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.Pat
     config_dict["dtype"] = str(dtype).removeprefix("torch.")
     config_dict["quantization_config"], loadable = quantization_config(records, ignore)
 
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".part", dir=out_dir.parent))
-    except OSError as exc:
-        raise UserError(f"cannot write {out_dir}: {exc.strerror or exc}; choose another output directory") from None
+    staging = staging_dir(out_dir)
     try:
         safetensors.torch.save_file(_dedupe(tensors), str(staging / WEIGHTS), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
@@ -360,7 +344,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.Pat
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         total = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
-        _commit(staging, out_dir)
+        commit_dir(staging, out_dir)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError):
