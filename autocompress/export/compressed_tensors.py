@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..compress.apply import block_head_layout
-from ..compress.quant_embedding import QuantEmbedding, TiedQuantLinear
+from ..compress.quant_embedding import QuantEmbedding, head_is_tied
 from ..compress.quantize import QuantLinear
 from ..compress.saving import commit_dir, staging_dir
 from ..compress.storage import storage_dtype
@@ -200,16 +200,6 @@ def quantization_config(records: list[LinearExport], ignore: list[str]) -> tuple
     return config, not packed_zeros or len(groups) == 1
 
 
-def _head_tied(model: nn.Module) -> bool:
-    """Whether the output head is the token embedding's weight (or codes)."""
-    adapter = adapter_for(model)
-    embedding, head = model.get_submodule(adapter.embeddings[0]), model.get_submodule(adapter.lm_head)
-    if isinstance(head, TiedQuantLinear):
-        return head.embedding is embedding
-    return (not isinstance(embedding, QuantEmbedding) and isinstance(head, nn.Linear)
-            and head.weight is embedding.weight)
-
-
 def _linears(model: nn.Module, tied: bool) -> list[tuple[str, nn.Module]]:
     """Every linear written as a linear (a tied head is not: it is the embedding), by name."""
     head = adapter_for(model).lm_head
@@ -224,7 +214,7 @@ def _collect(model: nn.Module, dtype: torch.dtype, layout: Layout,
     embedding_name, head_name = adapter.embeddings[0], adapter.lm_head
     embedding = model.get_submodule(embedding_name)
     head = model.get_submodule(head_name)
-    tied = _head_tied(model)
+    tied = head_is_tied(model)
     tensors, shapes, records, ignore = {}, {}, [], []
     embedding_note = None
     replaced = set()  # modules written here, not through the state dict
@@ -323,7 +313,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.Pat
     _refuse_inexpressible(model)
     config = export_config(model)
     dtype = model_dtype(model)
-    quantized = [module for _, module in _linears(model, _head_tied(model)) if isinstance(module, QuantLinear)]
+    quantized = [module for _, module in _linears(model, head_is_tied(model)) if isinstance(module, QuantLinear)]
     width = shared_group_width(quantized) if layout is Layout.STANDARD else None
     tensors, shapes, records, ignore, embedding_note, tied = _collect(model, dtype, layout, width)
     config.tie_word_embeddings = tied

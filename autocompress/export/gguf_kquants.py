@@ -418,28 +418,28 @@ def _k4_scales(scales, mins, sw, clamp_impl):
     return ls, lm, _fp16(d_block), _fp16(m_block)
 
 
-def _q4_K(blocks, imp=None, x=None):
+def _k45_codes(blocks, imp, nmax: int, search: tuple, clamp: bool):
+    """Q4_K's and Q5_K's common part: (d, dmin fp16, packed 6-bit scales, codes [nb, 4, 2, 32])."""
     nb = blocks.shape[0]
-    scales, mins, L, sw = _q456_K_subblocks(blocks, imp, 15, (-1.0, 0.1, 20))
-    ls, lm, d16, m16 = _k4_scales(scales, mins, sw, False)
+    scales, mins, L, sw = _q456_K_subblocks(blocks, imp, nmax, search)
+    ls, lm, d16, m16 = _k4_scales(scales, mins, sw, clamp)
     packed = _pack_k4_scales(ls, lm)
     sc, m = _unpack_k4_scales(packed)
     d, dmin = _half(d16), _half(m16)
-    L = _requant(blocks, L.T.reshape(nb, 256), d * _f(sc), dmin * _f(m), 0, 15, 32)
-    c = L.reshape(nb, 4, 2, 32)
+    L = _requant(blocks, L.T.reshape(nb, 256), d * _f(sc), dmin * _f(m), 0, nmax, 32)
+    return d16, m16, packed, L.reshape(nb, 4, 2, 32)
+
+
+def _q4_K(blocks, imp=None, x=None):
+    nb = blocks.shape[0]
+    d16, m16, packed, c = _k45_codes(blocks, imp, 15, (-1.0, 0.1, 20), False)
     qs = _u8(c[:, :, 0] | (c[:, :, 1] << 4)).reshape(nb, 128)
     return np.hstack([d16, m16, packed, qs])
 
 
 def _q5_K(blocks, imp=None, x=None):
     nb = blocks.shape[0]
-    scales, mins, L, sw = _q456_K_subblocks(blocks, imp, 31, (-0.5, 0.1, 15))
-    ls, lm, d16, m16 = _k4_scales(scales, mins, sw, True)
-    packed = _pack_k4_scales(ls, lm)
-    sc, m = _unpack_k4_scales(packed)
-    d, dmin = _half(d16), _half(m16)
-    L = _requant(blocks, L.T.reshape(nb, 256), d * _f(sc), dmin * _f(m), 0, 31, 32)
-    c = L.reshape(nb, 4, 2, 32)
+    d16, m16, packed, c = _k45_codes(blocks, imp, 31, (-0.5, 0.1, 15), True)
     qs = _u8((c[:, :, 0] & 0xF) | ((c[:, :, 1] & 0xF) << 4)).reshape(nb, 128)
     shifts = 2 * np.arange(4)[None, :, None]
     qh = ((((c[:, :, 0] >> 4) & 1) << shifts) | (((c[:, :, 1] >> 4) & 1) << (shifts + 1))).sum(axis=1)

@@ -111,7 +111,7 @@ def export_run(source: str | Path, fmt: str, out: str | Path, *, overwrite: bool
         record = export_compressed_tensors(model, tokenizer, out, overwrite=overwrite, layout=first)
         if layout == "auto" and not record.transformers_loadable:
             record = export_compressed_tensors(model, tokenizer, out, overwrite=True, layout=Layout.PORTABLE)
-        return ExportResult(fmt, out, _bytes_of(out), len(record.linears), 0, None, record)
+        return ExportResult(fmt, out, record.total_bytes, len(record.linears), 0, None, record)
 
     from .gguf_writer import as_exported, export_gguf  # noqa: PLC0415
 
@@ -131,10 +131,6 @@ def export_run(source: str | Path, fmt: str, out: str | Path, *, overwrite: bool
                                  bos=bos_id(tokenizer), description="KL added by the GGUF types")
         added_kl = metrics["kl"]
     return ExportResult(fmt, out, out.stat().st_size, len(record.records), len(requantized), added_kl, record)
-
-
-def _bytes_of(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 __all__ = ["ExportResult", "FORMATS", "export_run", "linear_importance", "resolve_source"]

@@ -282,6 +282,32 @@ def assign_roles(units: list[UnitProfile], roles: dict) -> None:
 
 
 @torch.no_grad()
+def _measure_units(trace: Trace, model: nn.Module, refs: list[UnitRef], probes, settings: ProfileSettings,
+                   stats_source, squared, norms, keep_for_additivity, checkpoint, finished: dict) -> list[UnitProfile]:
+    """Every unit of ``refs``, each measured and checkpointed, or taken from ``finished`` (a killed run's)."""
+    done = {ref.name: finished[ref.name][0] for ref in refs
+            if [u.name for u in finished.get(ref.name, [])] == [ref.name]}
+    if done:
+        console.print(f"reusing {len(done)} finished units of {len(refs)} from {checkpoint.folder}", markup=False,
+                      highlight=False)
+    units = []
+    with progress_bar(f"measuring {len(refs)} units x {len(probes)} choices", len(refs) * len(probes),
+                      settings.progress) as advance:
+        for ref in refs:
+            if ref.name in done:
+                unit = done[ref.name]
+                if settings.additivity and keep_for_additivity:
+                    _keep_replacements(trace, model, ref, probes, stats_source.stats(ref.block), keep_for_additivity)
+                advance(len(probes))
+            else:
+                unit = _measure_unit(trace, model, ref, probes, settings, stats_source.stats(ref.block), squared,
+                                     norms, keep_for_additivity, advance)
+                if checkpoint is not None:
+                    checkpoint.save(ref.name, [unit])
+            units.append(unit)
+    return units
+
+
 def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: ProfileSettings = ProfileSettings(), *,
                   model_name: str | None = None, data_name: str | None = None,
                   model_fp: str | None = None, calibration=None, stats_store: dict | None = None,
@@ -350,27 +376,9 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
         label: {} for label, c in probes
         if label.startswith("bits=") and c.group_size == space.group_size and shard is None}
     finished = checkpoint.load() if checkpoint is not None else {}
-    done = {ref.name: finished[ref.name][0] for ref in refs
-            if [u.name for u in finished.get(ref.name, [])] == [ref.name]}
-    reused = len(done)
-    if reused:
-        console.print(f"reusing {reused} finished units of {len(refs)} from {checkpoint.folder}", markup=False,
-                      highlight=False)
-    units = []
-    with _timed("measure", timings, cpu), progress_bar(f"measuring {len(refs)} units x {len(probes)} choices",
-                                                       len(refs) * len(probes), settings.progress) as advance:
-        for ref in refs:
-            if ref.name in done:
-                unit = done[ref.name]
-                if settings.additivity and keep_for_additivity:
-                    _keep_replacements(trace, model, ref, probes, stats_source.stats(ref.block), keep_for_additivity)
-                advance(len(probes))
-            else:
-                unit = _measure_unit(trace, model, ref, probes, settings, stats_source.stats(ref.block), squared,
-                                     norms, keep_for_additivity, advance)
-                if checkpoint is not None:
-                    checkpoint.save(ref.name, [unit])
-            units.append(unit)
+    with _timed("measure", timings, cpu):
+        units = _measure_units(trace, model, refs, probes, settings, stats_source, squared, norms,
+                               keep_for_additivity, checkpoint, finished)
     del squared
     extra_units = []
     if space.embedding_choices() and whole:
