@@ -81,6 +81,10 @@ class Choice:
     codes: ``bits`` is then that type's width and ``group_size`` None, and the weights are
     quantized as llama.cpp does (importance-weighted by the calibration inputs), so a GGUF
     export writes them as measured.
+    ``role_bits`` gives some linear roles of a block other bit widths than ``bits`` (e.g.
+    ``(("down", 5), ("v", 6))``, llama.cpp's ``_M`` idea: the value projection and the MLP's
+    down projection carry more of the error per byte); roles a family does not have (a fused
+    ``qkv``) are left at ``bits``. :meth:`for_role` resolves it.
     """
 
     bits: int = 16
@@ -95,6 +99,7 @@ class Choice:
     channel_ratio: float = 0.0
     drop: bool = False
     gguf: str | None = None
+    role_bits: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         if self.gguf is not None and self.gguf in GGUF_TYPE_BITS:
@@ -142,15 +147,41 @@ class Choice:
             raise UserError(f"{where}: observer {self.observer.value!r} needs act-order GPTQ (static groups) or rtn")
         if self.pattern is SparsityPattern.TWO_FOUR and self.sparsity != 0.5:
             raise UserError(f"{where}: pattern '2:4' means sparsity 0.5, got {self.sparsity}")
+        if self.role_bits:
+            if not self.quantized or self.gguf is not None:
+                raise UserError(f"{where}: role_bits needs a quantizing choice with group-wise codes (bits below 16, "
+                                f"no gguf type)")
+            for role, bits in self.role_bits:
+                if role not in LINEAR_ROLES:
+                    raise UserError(f"{where}: role_bits names {role!r}; roles are {', '.join(LINEAR_ROLES)}")
+                if bits not in ALLOWED_BITS or bits >= 16:
+                    raise UserError(f"{where}: role_bits {role}={bits} must be one of {ALLOWED_BITS[:-1]}")
 
     def with_linear(self, override: Choice) -> Choice:
-        """This block choice with the quantization/sparsity fields of a linear-level override."""
-        return dataclasses.replace(self, **{name: getattr(override, name) for name in LINEAR_FIELDS})
+        """This block choice with the quantization/sparsity fields of a linear-level override
+        (which is explicit: the block's ``role_bits`` no longer apply to that linear)."""
+        return dataclasses.replace(self, role_bits=(), **{name: getattr(override, name) for name in LINEAR_FIELDS})
+
+    def for_role(self, role: str) -> Choice:
+        """The choice a linear of ``role`` (``q``, ``v``, ``down``...) gets: ``role_bits`` resolved."""
+        if not self.role_bits:
+            return self
+        return dataclasses.replace(self, bits=dict(self.role_bits).get(role, self.bits), role_bits=())
+
+    def linear_variants(self) -> list[Choice]:
+        """Every distinct choice the block's linears get (one, or one per ``role_bits`` width)."""
+        variants = [self.for_role("")]
+        variants += [v for role, _ in self.role_bits if (v := self.for_role(role)) not in variants]
+        return variants
 
     def to_json(self) -> dict[str, Any]:
-        """Plain-dict form (enums as their values; ``gguf`` only when set, so older files read the same)."""
-        return {f.name: (v.value if isinstance(v := getattr(self, f.name), Enum) else v) for f in fields(self)
-                if not (f.name == "gguf" and self.gguf is None)}
+        """Plain-dict form (enums as their values; ``gguf`` and ``role_bits`` only when set, so
+        older files read the same)."""
+        out = {f.name: (v.value if isinstance(v := getattr(self, f.name), Enum) else v) for f in fields(self)
+               if not (f.name == "gguf" and self.gguf is None) and f.name != "role_bits"}
+        if self.role_bits:
+            out["role_bits"] = dict(self.role_bits)
+        return out
 
     @classmethod
     def from_json(cls, data: Any, where: str = "choice") -> Choice:
@@ -169,8 +200,14 @@ class Choice:
         return choice
 
 
+def role_bits_label(role_bits: tuple[tuple[str, int], ...]) -> str:
+    """``v6,down5``: the suffix of a mix's quantization label (``bits=4/g64:v6,down5``)."""
+    return ",".join(f"{role}{bits}" for role, bits in role_bits)
+
+
+LINEAR_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
 LINEAR_FIELDS = ("bits", "group_size", "method", "act_order", "observer", "sparsity", "pattern", "score", "gguf")
-STRUCTURAL_FIELDS = ("head_ratio", "channel_ratio", "drop")
+STRUCTURAL_FIELDS = ("head_ratio", "channel_ratio", "drop", "role_bits")
 _ENUMS = {"method": QuantMethod, "observer": Observer, "pattern": SparsityPattern, "score": PruneScore}
 
 
@@ -181,6 +218,11 @@ def _parse_field(name: str, value: Any, where: str) -> Any:
             return enum(value)
         except ValueError:
             raise UserError(f"{where}: expected one of {[e.value for e in enum]}, got {value!r}") from None
+    if name == "role_bits":
+        if not isinstance(value, dict) or any(isinstance(b, bool) or not isinstance(b, int) for b in value.values()):
+            raise UserError(f"{where}: expected a mapping of role to bit width such as {{'v': 6, 'down': 5}}, "
+                            f"got {value!r}")
+        return tuple(sorted(value.items()))
     if name == "gguf":
         if value is not None and not isinstance(value, str):
             raise UserError(f"{where}: expected a GGUF type name such as 'Q4_K' or null, got {value!r}")

@@ -55,10 +55,11 @@ from autocompress.compress.saving import load_compressed
 from autocompress.data import Split, load_tokens
 from autocompress.evaluate import stream_metrics
 from autocompress.models import LoadedModel, adapter_for, load_model, model_fingerprint
-from autocompress.profile.run import ProfileSettings, profile_run
+from autocompress.profile.run import ProfileSettings, profile_run, space_fingerprint
 from autocompress.run_calibration import CALIBRATION_FILE, load_calibration
 from autocompress.schedule import Choice, QuantMethod, Schedule
 from autocompress.search.decisions import to_schedule
+from autocompress.search.space import load_space
 from autocompress.search.study import SearchSettings, prepare, search
 
 BITS = (3, 4, 5, 6, 8)
@@ -315,7 +316,6 @@ def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cach
     else:
         from autocompress.profile.run import choose_calibration, profile_model  # noqa: PLC0415
         from autocompress.run_calibration import save_calibration  # noqa: PLC0415
-        from autocompress.search.space import load_space  # noqa: PLC0415
 
         loaded = LoadedModel(model, tokenizer, args.model, "alias")
         calibration = choose_calibration(loaded, args.data, settings)
@@ -430,7 +430,8 @@ def main() -> None:
     # The baselines depend on the evaluation and the calibration rows only; the searches also on the space.
     key = {"model": model_fingerprint(model), "eval_tokens": args.eval_tokens, "screen": args.screen_tokens,
            "calib_tokens": args.calib_tokens, "calibration": args.calibration}
-    search_key = {**key, "space": args.space, "trials": args.trials, "profile_tokens": args.profile_tokens,
+    search_key = {**key, "space": args.space, "space_fingerprint": space_fingerprint(load_space(args.space)),
+                  "trials": args.trials, "profile_tokens": args.profile_tokens,
                   "holdout_tokens": args.holdout_tokens}
     if args.part != "table":
         reference = copy.deepcopy(model)

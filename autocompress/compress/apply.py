@@ -190,7 +190,7 @@ def _memo_key(bits: int, group_size: int | None, act_order: bool, observer: Obse
 def precompute_gptq(block: nn.Module, model: nn.Module, stats: dict[str, LinearStats], choices) -> None:
     """Fill ``stats``' GPTQ memo for every linear of the unchanged ``block`` under each act-order GPTQ
     choice in ``choices``, one stacked pass per linear (:func:`~.gptq.gptq_quantize_many`)."""
-    wanted = {(c.observer, c.bits, c.group_size) for c in choices
+    wanted = {(c.observer, c.bits, c.group_size) for choice in choices for c in choice.linear_variants()
               if c.quantized and c.method is QuantMethod.GPTQ and c.act_order}
     for observer in sorted({o for o, _, _ in wanted}, key=str):
         grids = sorted({(b, g) for o, b, g in wanted if o is observer}, key=str)
@@ -219,7 +219,8 @@ def compress_block_(block: nn.Module, model: nn.Module, choice: Choice, inputs: 
     if choice.drop:
         return DroppedBlock()
     adapter = adapter_for(model)
-    linear_choices = {path: (linear_choices or {}).get(path, choice) for path in adapter.linears.values()}
+    linear_choices = {path: (linear_choices or {}).get(path, choice).for_role(role)
+                      for role, path in adapter.linears.items()}
     gptq_paths = _gptq_paths(linear_choices)
     fixed = stats is not None
     stats = dict(stats) if fixed else {}

@@ -128,7 +128,7 @@ class MemoryModel:
         shapes = self.blocks[index]
         total = shapes.other_elements * STORAGE_BYTES
         for role, shape in pruned_shapes(shapes, choice).items():
-            total += linear_bytes(shape, (linear_choices or {}).get(self.paths[role], choice))
+            total += linear_bytes(shape, (linear_choices or {}).get(self.paths[role], choice).for_role(role))
         return total
 
     def block_parameters(self, index: int, choice: Choice) -> int:

@@ -303,7 +303,9 @@ def level_choice(choice: Choice, level: int, levels: int) -> Choice:
     share = level / levels
     rungs = [b for b in BIT_LADDER if b >= choice.bits] if choice.quantized else []
     rung = math.ceil(share * len(rungs)) - 1
-    return replace(choice, bits=rungs[rung] if rung >= 0 else 16, head_ratio=choice.head_ratio * share,
+    bits = rungs[rung] if rung >= 0 else 16
+    role_bits = tuple((role, max(b, bits)) for role, b in choice.role_bits) if bits < 16 else ()
+    return replace(choice, bits=bits, role_bits=role_bits, head_ratio=choice.head_ratio * share,
                    channel_ratio=choice.channel_ratio * share, sparsity=0.0,
                    pattern=SparsityPattern.NONE)
 

@@ -58,6 +58,8 @@ def choice_label(choice: Choice) -> str:
     if choice.drop:
         return "drop"
     parts = [choice.gguf or f"bits={choice.bits}"] if choice.quantized else []
+    if choice.role_bits:
+        parts[0] += " (" + ", ".join(f"{role} {bits}" for role, bits in choice.role_bits) + ")"
     if choice.pattern is SparsityPattern.TWO_FOUR:
         parts.append("2:4")
     elif choice.pattern is SparsityPattern.UNSTRUCTURED and choice.sparsity > 0:

@@ -5,10 +5,11 @@ curves, and the chosen schedule unit by unit beside each unit's measured sensiti
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..profile.artifact import Profile
-from ..schedule import Choice, Schedule
+from ..schedule import Choice, Schedule, role_bits_label
 from .formats import as_number, choice_label, format_number, natural_key
 
 
@@ -123,16 +124,17 @@ def _chosen_kl(choice: Choice, kl: dict[str, float]) -> float | None:
     """The profile's additive KL of ``choice``: the sum of its single-axis parts (None if one is unmeasured)."""
     if choice.drop:
         return as_number(kl.get("drop"))
-    label = choice_label(choice)
+    label = choice_label(dataclasses.replace(choice, role_bits=()))
     if label == "16-bit":
         return 0.0
+    mix = f":{role_bits_label(choice.role_bits)}" if choice.role_bits else ""
     values = []
     for part in label.split(" + "):
         # A quantization is labelled with its group size when the space offered several, and
-        # with ``embed:`` on the embedding unit.
+        # with ``embed:`` on the embedding unit; a mix adds its roles' widths (``:v6,down5``).
         group = "ch" if choice.group_size is None else choice.group_size
-        names = [part, f"{part}/g{group}", f"embed:{part}", f"embed:{part}/g{group}"] if part.startswith("bits=") \
-            else [part]
+        names = [f"{part}{mix}", f"{part}/g{group}{mix}", f"embed:{part}", f"embed:{part}/g{group}"] \
+            if part.startswith("bits=") else [part]
         values.append(next((as_number(kl[n]) for n in names if n in kl), None))
     return None if any(v is None for v in values) else sum(values)
 

@@ -166,7 +166,7 @@ class CostModel:
             weight_bytes, params = 0.0, float(shapes.other_elements)
             seconds = self._attention_seconds(index, choice)
             for role, shape in pruned_shapes(shapes, choice).items():
-                linear = (linear_choices or {}).get(self.memory.paths[role], choice)
+                linear = (linear_choices or {}).get(self.memory.paths[role], choice).for_role(role)
                 total_bytes += linear_bytes(shape, linear)
                 weight_bytes += linear_bytes(LinearShape(shape.out, shape.inp, False), linear)
                 params += shape.out * shape.inp * _nonzero_fraction(linear) + (shape.out if shape.bias else 0)

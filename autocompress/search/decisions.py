@@ -75,7 +75,8 @@ def space_options(space: SearchSpace) -> tuple[Option, ...]:
             if prune.drop:
                 continue
             merged = dataclasses.replace(prune, bits=quant.bits, group_size=quant.group_size, method=quant.method,
-                                         act_order=quant.act_order, observer=quant.observer, gguf=quant.gguf)
+                                         act_order=quant.act_order, observer=quant.observer, gguf=quant.gguf,
+                                         role_bits=quant.role_bits)
             options.append(Option(f"{label}+{prune_label}", quant.bits, prune_label, merged, label))
     if any(p.drop for _, p in prunes):
         options.append(Option("drop", 16, "drop", Choice(drop=True)))

@@ -16,6 +16,7 @@ A space file (``search_spaces/default.yaml`` and friends, or a user's own)::
     channel_ratio: [0.25, 0.5]  # share of MLP channels removed
     drop: true                  # whole block may be removed
     tie: [[q, k, v], [gate, up]]   # linear granularity: roles sharing one bit width
+    mixes: [{v: 2, down: 1}]    # block granularity: also each bit width with these roles at more bits
     frozen: [model.layers.0]    # units kept as they are (regex with a 're:' prefix)
 
 A GGUF space (``search_spaces/gguf.yaml``) names llama.cpp's block types instead of bit widths
@@ -23,6 +24,12 @@ and group sizes: ``gguf: [Q8_0, Q6_K, Q4_K]`` and ``embedding_gguf: [Q8_0, Q6_K]
 may then list only 16, the "keep" choice). Labels are ``bits=4/Q4_K``; bytes follow each
 type's block layout, with llama.cpp's fallback type where a row is not a whole number of
 blocks; a schedule from it exports to GGUF exactly as measured.
+
+A *mix* (``mixes``, block granularity) adds, for every bit width below 8, an option that
+quantizes some roles of the block at more bits (llama.cpp's ``_M`` recipes do this for the
+value and down projections): ``{v: 2, down: 1}`` turns ``bits=4/g64`` into
+``bits=4/g64:v6,down5`` (``Choice.role_bits``), capped at 8 bits. It is one more quantization
+option: the profile measures it, the search combines it with pruning like any bit width.
 
 The profile measures every *single-axis* choice of the space (:meth:`SearchSpace.probe_choices`);
 the search combines one quantization (bit width and group size) with at most one pruning
@@ -33,6 +40,7 @@ serves both of a tied table's roles, so ``best`` weighs every column alike there
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import re
 from dataclasses import dataclass, field
@@ -43,7 +51,8 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..schedule import ALLOWED_BITS, GGUF_TYPE_BITS, Choice, Observer, QuantMethod, SparsityPattern
+from ..schedule import (ALLOWED_BITS, GGUF_TYPE_BITS, Choice, Observer, QuantMethod, SparsityPattern,
+                        role_bits_label)
 
 
 def label_bits(label: str) -> int:
@@ -79,6 +88,7 @@ class SearchSpace:
     frozen: tuple[str, ...] = ()
     gguf: tuple[str, ...] = ()
     embedding_gguf: tuple[str, ...] = ()
+    mixes: tuple[tuple[tuple[str, int], ...], ...] = ()  # per mix: (role, extra bits) pairs
     description: str = ""
     source: str = field(default="", compare=False)
 
@@ -105,8 +115,15 @@ class SearchSpace:
         """Every quantizing choice (bit width below 16 x group size, or GGUF type), labelled."""
         if self.gguf:
             return [(f"bits={GGUF_TYPE_BITS[t]}/{t}", Choice(gguf=t)) for t in self.gguf]
-        return [(self.quant_label(b, g), self.quant_choice(b, g)) for b in self.bits if b < 16
-                for g in self.group_sizes]
+        plain = [(self.quant_label(b, g), self.quant_choice(b, g)) for b in self.bits if b < 16
+                 for g in self.group_sizes]
+        mixed = []
+        for mix in self.mixes:
+            for label, choice in plain:
+                role_bits = tuple(sorted((role, _raised(choice.bits, extra)) for role, extra in mix))
+                if choice.bits < 8 and any(bits != choice.bits for _, bits in role_bits):
+                    mixed.append((f"{label}:{role_bits_label(role_bits)}", dataclasses.replace(choice, role_bits=role_bits)))
+        return plain + mixed
 
     def embedding_choices(self) -> list[tuple[str, Choice]]:
         """The embedding unit's quantizing choices (round-to-nearest), labelled ``embed:bits=...``."""
@@ -165,13 +182,28 @@ class SearchSpace:
                 "two_four": self.two_four, "head_ratio": list(self.head_ratio),
                 "channel_ratio": list(self.channel_ratio), "drop": self.drop,
                 "tie": [list(t) for t in self.tie], "frozen": list(self.frozen), "description": self.description,
-                **({"gguf": list(self.gguf), "embedding_gguf": list(self.embedding_gguf)} if self.gguf else {})}
+                **({"gguf": list(self.gguf), "embedding_gguf": list(self.embedding_gguf)} if self.gguf else {}),
+                **({"mixes": [dict(m) for m in self.mixes]} if self.mixes else {})}
 
 
 _KEYS = {"name", "granularity", "group_size", "method", "act_order", "observer", "bits", "embedding_bits", "sparsity",
          "two_four", "head_ratio", "channel_ratio", "drop", "tie", "frozen", "description", "gguf",
-         "embedding_gguf"}
+         "embedding_gguf", "mixes"}
 _ROLES = {"q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up"}
+
+
+def _raised(bits: int, extra: int) -> int:
+    """``bits + extra`` rounded up to a packable width (7 becomes 8), at most 8."""
+    return min(b for b in ALLOWED_BITS if b >= min(bits + extra, 8))
+
+
+def _mixes(value: Any, where: str) -> tuple[tuple[tuple[str, int], ...], ...]:
+    if not isinstance(value, list) or any(
+            not isinstance(m, dict) or not m or any(r not in _ROLES or isinstance(e, bool) or not isinstance(e, int)
+                                                    or e < 1 for r, e in m.items()) for m in value):
+        raise UserError(f"{where}: expected a list of mappings of role to extra bits such as [{{v: 2, down: 1}}] "
+                        f"(roles from {sorted(_ROLES)}), got {value!r}")
+    return tuple(tuple(sorted(m.items())) for m in value)
 
 
 def _ratios(value: Any, where: str) -> tuple[float, ...]:
@@ -263,6 +295,10 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
                         f"and group_size from the space")
     if embedding_gguf:
         embedding_bits = [16]
+    mixes = _mixes(data.get("mixes", []), where("mixes"))
+    if mixes and (gguf or granularity is Granularity.LINEAR):
+        raise UserError(f"{where('mixes')}: mixes are block options with group-wise codes; drop them from a gguf "
+                        f"space or one with granularity: linear")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise UserError(f"{where('description')}: expected a string")
@@ -275,7 +311,7 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
         head_ratio=_ratios(data.get("head_ratio", []), where("head_ratio")),
         channel_ratio=_ratios(data.get("channel_ratio", []), where("channel_ratio")),
         drop=_flag(data.get("drop", False), where("drop")),
-        tie=tuple(tuple(t) for t in tie), frozen=tuple(frozen), gguf=gguf, embedding_gguf=embedding_gguf,
+        tie=tuple(tuple(t) for t in tie), frozen=tuple(frozen), gguf=gguf, embedding_gguf=embedding_gguf, mixes=mixes,
         description=description, source=source,
     )
     if space.granularity is Granularity.LINEAR and (space.head_ratio or space.channel_ratio or space.drop):

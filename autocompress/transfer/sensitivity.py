@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..schedule import Choice, SparsityPattern
+from ..schedule import Choice, SparsityPattern, role_bits_label
 from ..search.space import label_bits
 from .coordinates import BLOCK_ROLE, UnitCoordinates
 
@@ -35,7 +35,8 @@ def choice_labels(choice: Choice) -> list[str]:
     if choice.drop:
         return ["drop"]
     group = "ch" if choice.group_size is None else choice.group_size
-    labels = [f"bits={choice.bits}/g{group}"] if choice.quantized else []
+    mix = f":{role_bits_label(choice.role_bits)}" if choice.role_bits else ""
+    labels = [f"bits={choice.bits}/g{group}{mix}"] if choice.quantized else []
     if choice.pattern is SparsityPattern.TWO_FOUR:
         labels.append("2:4")
     elif choice.pattern is SparsityPattern.UNSTRUCTURED:
@@ -122,7 +123,7 @@ class LossTable:
 def _bits_estimate(known: dict[str, float], bits: int) -> float | None:
     # log KL is close to linear in bits (about x4 per bit); fit through the nearest measured widths.
     points = sorted((label_bits(k), math.log(v)) for k, v in known.items()
-                    if k.startswith("bits=") and v is not None and v > 0 and math.isfinite(v))
+                    if k.startswith("bits=") and ":" not in k and v is not None and v > 0 and math.isfinite(v))
     if not points:
         return None
     if len(points) == 1:

@@ -85,7 +85,7 @@ def map_choice(entries: list[AgnosticChoice], depth: float, candidates: list[Cho
         mapped = Choice(drop=True)
     else:
         structural = max(quantized, key=lambda e: (e.choice.head_ratio + e.choice.channel_ratio + e.choice.sparsity))
-        mapped = dataclasses.replace(structural.choice, bits=max(2, min(16, round(bits))), drop=False)
+        mapped = dataclasses.replace(structural.choice, bits=max(2, min(16, round(bits))), drop=False, role_bits=())
     lower = [d for d in depths if d <= depth]
     upper = [d for d in depths if d >= depth]
     used = {nearest, lower[-1] if lower else nearest, upper[0] if upper else nearest}
@@ -273,7 +273,7 @@ def neighbours(schedule: Schedule, model, budget, space, losses: LossTable, coun
         index = bits.index(choice.bits) + direction
         if not 0 <= index < len(bits):
             return None
-        return dataclasses.replace(choice, bits=bits[index])
+        return dataclasses.replace(choice, bits=bits[index], role_bits=())
 
     def group_loss(members, choice: Choice) -> float:
         return sum(losses.loss(u, choice) for u in members)
