@@ -78,6 +78,7 @@ def test_space_mixes_add_one_option_per_width_below_8():
     ({"mixes": [{"v": 0}]}, "mappings of role to extra bits"),
     ({"mixes": {"v": 1}}, "mappings of role to extra bits"),
     ({"mixes": [{"v": 1}], "granularity": "linear"}, "mixes are block options"),
+    ({"mixes": [{"v": 1}], "gguf": ["Q4_K"], "bits": [16]}, "a gguf space names its types"),
 ])
 def test_bad_mixes_are_one_line(extra, words):
     with pytest.raises(UserError) as err:

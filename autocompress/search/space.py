@@ -296,9 +296,8 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
     if embedding_gguf:
         embedding_bits = [16]
     mixes = _mixes(data.get("mixes", []), where("mixes"))
-    if mixes and (gguf or granularity is Granularity.LINEAR):
-        raise UserError(f"{where('mixes')}: mixes are block options with group-wise codes; drop them from a gguf "
-                        f"space or one with granularity: linear")
+    if mixes and gguf:
+        raise UserError(f"{where('mixes')}: mixes are options of group-wise codes; a gguf space names its types")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise UserError(f"{where('description')}: expected a string")
@@ -316,6 +315,9 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
     )
     if space.granularity is Granularity.LINEAR and (space.head_ratio or space.channel_ratio or space.drop):
         raise UserError(f"{source}: head_ratio, channel_ratio and drop need granularity: block")
+    if space.granularity is Granularity.LINEAR and space.mixes:
+        raise UserError(f"{where('mixes')}: mixes are block options (roles of a block at more bits); with "
+                        f"granularity: linear every linear has its own width already")
     if space.observer is not Observer.MINMAX and space.method is QuantMethod.GPTQ and not space.act_order:
         raise UserError(f"{where('observer')}: observer {space.observer.value!r} needs act_order: true with gptq")
     if space.act_order and space.method is not QuantMethod.GPTQ:
