@@ -279,7 +279,13 @@ def _from_pretrained(location: str, gguf_file: str | None, dtype: torch.dtype, t
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    model = None
+    if not gguf_file and not trust_remote_code:
+        from .lazy_weights import stream_pretrained  # noqa: PLC0415
+
+        model = stream_pretrained(location, dtype)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
     return model, tokenizer
 
 
@@ -296,7 +302,9 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: torch.d
         loaded.adapter.blocks(loaded.model)  # 30 LlamaDecoderLayer
     """
     from .device import place  # noqa: PLC0415
+    from .host_memory import return_freed_memory  # noqa: PLC0415
 
+    return_freed_memory()  # block-by-block work frees large tensors again and again: give them back
     loaded = _load(spec, dtype, trust_remote_code)
     place(loaded.model, device, dtype)
     return loaded

@@ -138,12 +138,15 @@ class VerbResult:
     log: str = ""
 
 
-def build_model(name: str, shape: LlamaShape, folder: Path, *, seed: int = 0, std: float = 0.02) -> Path:
+def build_model(name: str, shape: LlamaShape, folder: Path, *, seed: int = 0, std: float = 0.02,
+                tokenizer=None) -> Path:
     """Write a random-weight bf16 Llama model with ``shape`` to ``folder`` once; return ``folder``.
 
     Weights are drawn one tensor at a time and written in shards of at most 1 GiB, so even the
     3B model never sits in this process's memory whole. Norm weights are ones; every matrix is
     N(0, std). The folder appears only when complete (written as ``<folder>.part``, then renamed).
+    ``tokenizer`` (one whose vocabulary fits ``shape.vocab``) is saved beside the weights; by
+    default the SmolLM2 tokenizer is copied.
     """
     if (folder / "config.json").exists():
         return folder
@@ -179,7 +182,10 @@ def build_model(name: str, shape: LlamaShape, folder: Path, *, seed: int = 0, st
         index_json = {"metadata": {"total_size": 2 * shape.parameters()}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
     (staging / "config.json").write_text(json.dumps(shape.config(), indent=2))
-    _copy_tokenizer(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(staging))
+    else:
+        _copy_tokenizer(staging)
     (staging / "SYNTHETIC.txt").write_text(f"Synthetic {name} Llama model, random weights (seed {seed}, std {std}): "
                                            f"for memory and speed benchmarks only, never for quality.\n")
     if folder.exists():

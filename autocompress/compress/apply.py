@@ -166,6 +166,12 @@ def block_stats(block: nn.Module, model: nn.Module, inputs: BlockInputs, *, batc
     and the block's ``index``, codes already on disk are read instead of computed, and new ones
     are written back.
     """
+    from ..host_memory import page_out, trim_host_heap  # noqa: PLC0415
+
+    # Before the largest allocations of a block (Hessians, GPTQ): the model's mapped weights
+    # leave memory until touched again, and the heap gives back the block before's tensors.
+    page_out(model)
+    trim_host_heap()
     adapter = adapter_for(model)
     modules = {path: block.get_submodule(path) for path in adapter.linears.values()}
     stats = collect_stats(block, inputs, modules, set(modules), batch_size=batch_size)

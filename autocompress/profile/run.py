@@ -29,13 +29,13 @@ from torch import nn
 
 from ..artifacts import fingerprint
 from ..compress.apply import DroppedBlock, compress_block, needs_calibration
-from ..compress.calibrate import token_batch
+from ..compress.calibrate import BlockInputs, capture_block_inputs, run_block, token_batch
 from ..errors import UserError
 from ..models import LoadedModel, adapter_for, model_fingerprint
 from ..progress import console, progress_bar
 from ..schedule import Choice
 from ..search.space import Granularity, SearchSpace, label_bits
-from .additivity import additivity_check
+from .additivity import ChainedRun, additivity_check
 from .artifact import Profile, UnitProfile
 from .checkpoint import CHECKPOINT_DIR, EXTRA, UnitCheckpoints, checkpoint_key
 from .proxies import (LinearInputNorms, block_influence, fisher_score, mean_token_norm, proxy_correlations,
@@ -166,25 +166,43 @@ def _role_states(loaded: LoadedModel, trace: Trace, tokens: torch.Tensor, settin
 
 
 class BlockStatsSource:
-    """Each block's statistics on the original model's activations over calibration rows, one block at a time."""
+    """Each block's statistics on the original model's activations over calibration rows, one block at a time.
+
+    Only the inputs of the block asked for are kept: the calibration activations are carried
+    forward block by block (blocks are asked for in order; an earlier one starts again from
+    the embedding), never held for every block at once.
+    """
 
     def __init__(self, model: nn.Module, rows: torch.Tensor | None, batch_size: int, choices=(), store=None,
                  cache=None):
         self.model, self.batch_size, self.choices = model, batch_size, list(choices)
         self.store = store  # keeps every block's statistics (and GPTQ codes) when given
         self.cache = cache  # the run's CodeCache: codes on disk for the search and apply
-        self.trace = trace_model(model, rows, batch_size=batch_size, reference=False) if rows is not None else None
+        self.rows = rows
+        self.inputs, self.position = None, 0  # the inputs of block ``position``
         self.current: tuple[int, dict] | None = None
+
+    def block_inputs(self, index: int) -> BlockInputs:
+        """The original model's inputs to block ``index`` over the calibration rows."""
+        if self.inputs is None or index < self.position:
+            self.inputs, self.position = capture_block_inputs(self.model, self.rows, batch_size=self.batch_size), 0
+        blocks = adapter_for(self.model).blocks(self.model)
+        while self.position < index:
+            self.inputs = self.inputs.with_hidden(run_block(blocks[self.position], self.inputs,
+                                                            batch_size=self.batch_size))
+            self.position += 1
+        return self.inputs
 
     def stats(self, index: int) -> dict | None:
         """The statistics of block ``index`` (None without calibration rows)."""
         from ..compress.apply import block_stats  # noqa: PLC0415
 
-        if self.trace is None:
+        if self.rows is None:
             return None
         if self.current is None or self.current[0] != index:
             block = adapter_for(self.model).blocks(self.model)[index]
-            stats = block_stats(block, self.model, self.trace.block_inputs(index), batch_size=self.batch_size,
+            self.current = None  # the previous block's statistics go before this block's are made
+            stats = block_stats(block, self.model, self.block_inputs(index), batch_size=self.batch_size,
                                 choices=self.choices, cache=self.cache, index=index)
             self.current = (index, stats)
             if self.store is not None:
@@ -203,7 +221,7 @@ def _timed(stage: str, timings: dict[str, float], cpu: dict[str, float]):
 def _measure_unit(trace: Trace, model: nn.Module, ref: UnitRef, probes, settings: ProfileSettings, stats,
                   squared: dict, norms: LinearInputNorms, keep_for_additivity: dict, advance) -> UnitProfile:
     """One unit's KL and loss change under every probe choice, with its proxies; the compressed
-    replacements at the additivity labels are kept in ``keep_for_additivity``."""
+    replacements at the additivity labels go to ``keep_for_additivity``'s chained runs."""
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     modules = _unit_modules(model, ref)
@@ -232,10 +250,9 @@ def _measure_unit(trace: Trace, model: nn.Module, ref: UnitRef, probes, settings
 
 
 def _keep(keep_for_additivity: dict, label: str, ref: UnitRef, changed) -> None:
-    if isinstance(changed, dict):
-        keep_for_additivity[label].setdefault(ref.block, {}).update(changed)
-    else:
-        keep_for_additivity[label][ref.block] = changed
+    # A ChainedRun: the blocks before this one go through it now, so no more than one
+    # block's replacements are held at a time.
+    keep_for_additivity[label].add(ref.block, changed)
 
 
 def _keep_replacements(trace: Trace, model: nn.Module, ref: UnitRef, probes, stats, keep_for_additivity: dict) -> None:
@@ -371,10 +388,11 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
         with _timed("gradients", timings, cpu):
             squared = squared_gradients(model, rows, rows=settings.fisher_rows)
 
-    # One additivity check per bit width (at the space's first group size).
-    keep_for_additivity: dict[str, dict[int, object]] = {
-        label: {} for label, c in probes
-        if label.startswith("bits=") and c.group_size == space.group_size and shard is None}
+    # One additivity check per bit width (at the space's first group size), chained as units arrive.
+    keep_for_additivity: dict[str, ChainedRun] = {
+        label: ChainedRun(trace) for label, c in probes
+        if label.startswith("bits=") and c.group_size == space.group_size and not c.role_bits and shard is None
+        and settings.additivity}
     finished = checkpoint.load() if checkpoint is not None else {}
     with _timed("measure", timings, cpu):
         units = _measure_units(trace, model, refs, probes, settings, stats_source, squared, norms,

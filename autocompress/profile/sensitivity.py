@@ -36,6 +36,7 @@ from ..compress.prune import set_submodule
 from ..models import adapter_for
 
 HEAD_CHUNK = 128  # tokens per head matmul: [128, vocab] fp32 logits stay near the cache
+VOCAB_SLICE = 8192  # head rows widened to float32 at a time when the model is 16-bit
 
 
 class OutputReference:
@@ -54,8 +55,9 @@ class OutputReference:
         # The closed form needs logits linear in the hidden state; soft-capped heads (Gemma 2)
         # and quantized heads take the direct path: recompute the original logits per chunk.
         self.linear = self.softcap is None and type(self.head) is nn.Linear
-        # Logits and KL in float32 whatever the model's dtype (a no-op copy for a float32 head).
-        self.weight = self.head.weight.float() if self.linear else None
+        # Logits and KL in float32 whatever the model's dtype. A 16-bit head is widened a slice
+        # of the vocabulary at a time (never a float32 copy of it whole); a float32 one is used as is.
+        self.weight = self.head.weight.detach() if self.linear else None
         self.normed = self._normed(final_hidden)
         self.device = self.normed.device
         self.targets = tokens[:, 1:].reshape(-1).to(self.device)
@@ -72,7 +74,7 @@ class OutputReference:
                 self.lse[chunk] = torch.logsumexp(logits, dim=-1).double()
                 target_logit = logits.gather(-1, self.targets[chunk, None]).squeeze(-1).double()
                 self.nll[chunk] = self.lse[chunk] - target_logit
-                self.expected[chunk] = log_probs.exp() @ self.weight
+                self.expected[chunk] = self._expected(log_probs.exp())
             else:
                 self.nll[chunk] = -log_probs.gather(-1, self.targets[chunk, None]).squeeze(-1).double()
 
@@ -89,9 +91,33 @@ class OutputReference:
         for start in range(0, self.positions, HEAD_CHUNK):
             yield slice(start, min(start + HEAD_CHUNK, self.positions))
 
+    def _vocab_slices(self):
+        """(vocabulary slice, float32 head rows): the whole head when it is float32, else slices."""
+        if self.weight.dtype == torch.float32:
+            yield slice(None), self.weight
+            return
+        for start in range(0, self.weight.shape[0], VOCAB_SLICE):
+            rows = slice(start, min(start + VOCAB_SLICE, self.weight.shape[0]))
+            yield rows, self.weight[rows].float()
+
+    def _expected(self, probs: torch.Tensor) -> torch.Tensor:
+        """p W: the expected head row under ``probs`` [positions, vocab], in float32."""
+        expected = None
+        for rows, weight in self._vocab_slices():
+            part = probs[:, rows] @ weight
+            expected = part if expected is None else expected.add_(part)
+        return expected
+
     def _logits(self, normed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.linear:
-            logits = torch.mm(normed.float(), self.weight.t(), out=out)
+            normed = normed.float()
+            if self.weight.dtype == torch.float32:
+                logits = torch.mm(normed, self.weight.t(), out=out)
+            else:
+                logits = out if out is not None else torch.empty(normed.shape[0], self.weight.shape[0],
+                                                                 device=normed.device)
+                for rows, weight in self._vocab_slices():
+                    logits[:, rows] = torch.mm(normed, weight.t())
             if self.head.bias is not None:
                 logits += self.head.bias.float()
             return logits
