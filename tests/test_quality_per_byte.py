@@ -131,7 +131,11 @@ def test_builtin_spaces_use_gptq_act_order_groups_and_embedding_units(name):
     assert space.bits == (3, 4, 5, 6, 8, 16) and 2 not in space.bits
     assert space.embedding_bits == (4, 5, 6, 8, 16)
     labels = [label for label, _ in space.quant_choices()]
-    assert labels[:2] == ["bits=3/g64", "bits=3/g128"] and len(labels) == 5 * 2
+    # the default space adds the value projection 2 bits wider to each width below 8 (v5, v6, v8, v8)
+    mixed = [label for label in labels if ":" in label]
+    assert mixed == (["bits=3/g64:v5", "bits=3/g128:v5", "bits=4/g64:v6", "bits=4/g128:v6", "bits=5/g64:v8",
+                      "bits=5/g128:v8", "bits=6/g64:v8", "bits=6/g128:v8"] if name == "default" else [])
+    assert labels[:2] == ["bits=3/g64", "bits=3/g128"] and len(labels) - len(mixed) == 5 * 2
     assert all(c.act_order and c.method is GPTQ for _, c in space.quant_choices())
     # the Hessian-weighted observer for the blocks; the embedding (RTN) uses the space's observer too
     assert space.observer.value == "best"
