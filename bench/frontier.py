@@ -490,11 +490,18 @@ def print_tables(rows: dict[str, Row], sizes: list[float], full: int) -> dict:
             value = row.ppl if row.ppl is not None else row.screen_ppl
             note = "" if row.ppl is not None else " (screened)"
             ratio = f"{ours.ppl / row.ppl:.3f}" if ours and row.ppl and row is not ours else ""
-            name = row.name + (" (grid-aligned: not compared)" if row.aligned else "")
+            name = row.name + (" (grid-aligned: not compared)" if row.aligned else "") + \
+                (" (the searched trial)" if row.family in ("knapsack", "greedy") and ours
+                 and (row.bytes, row.ppl, row.kl) == (ours.bytes, ours.ppl, ours.kl) else "")
             table.add_row(name, f"{row.mib:.1f}", f"{value:.3f}{note}" if value else "-",
                           f"{row.kl:.4f}" if row.kl is not None else "-", ratio)
         console.print(table)
-        measured = [r for r in fitting if r.ppl is not None] + [r for r in shown if r.family in ("knapsack", "greedy")]
+        # A knapsack or greedy row with the searched row's bytes, perplexity and KL is the trial the
+        # search kept (it measures both baselines as trials): the same schedule, not a competitor.
+        same = [r for r in shown if r.family in ("knapsack", "greedy") and ours
+                and (r.bytes, r.ppl, r.kl) == (ours.bytes, ours.ppl, ours.kl)]
+        measured = [r for r in fitting if r.ppl is not None] + \
+            [r for r in shown if r.family in ("knapsack", "greedy") and r not in same]
         best = min(measured, key=lambda r: r.ppl, default=None)
         uniform = [r for r in fitting if r.ppl is not None]
         best_uniform = min(uniform, key=lambda r: r.ppl, default=None)
