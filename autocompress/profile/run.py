@@ -243,7 +243,7 @@ def _measure_unit(trace: Trace, model: nn.Module, ref: UnitRef, probes, settings
             score = fisher_score(squared, modules, as_full)
             if score is not None:
                 unit.proxies[f"fisher:{label}"] = score
-        if label in keep_for_additivity and settings.additivity:
+        if label in keep_for_additivity:
             _keep(keep_for_additivity, label, ref, changed)
         advance()
     return unit
@@ -298,6 +298,15 @@ def assign_roles(units: list[UnitProfile], roles: dict) -> None:
         unit.dominant_role = roles["dominant"][unit.block + 1]
 
 
+def _additivity_runs(trace: Trace, probes, space: SearchSpace, settings: ProfileSettings) -> dict[str, ChainedRun]:
+    """One additivity check per plain bit width at the space's first group size (none unless
+    ``settings.additivity``), each a chained run fed as the units are measured."""
+    if not settings.additivity:
+        return {}
+    return {label: ChainedRun(trace) for label, c in probes
+            if label.startswith("bits=") and c.group_size == space.group_size and not c.role_bits}
+
+
 @torch.no_grad()
 def _measure_units(trace: Trace, model: nn.Module, refs: list[UnitRef], probes, settings: ProfileSettings,
                    stats_source, squared, norms, keep_for_additivity, checkpoint, finished: dict) -> list[UnitProfile]:
@@ -313,7 +322,7 @@ def _measure_units(trace: Trace, model: nn.Module, refs: list[UnitRef], probes, 
         for ref in refs:
             if ref.name in done:
                 unit = done[ref.name]
-                if settings.additivity and keep_for_additivity:
+                if keep_for_additivity:
                     _keep_replacements(trace, model, ref, probes, stats_source.stats(ref.block), keep_for_additivity)
                 advance(len(probes))
             else:
@@ -388,11 +397,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
         with _timed("gradients", timings, cpu):
             squared = squared_gradients(model, rows, rows=settings.fisher_rows)
 
-    # One additivity check per bit width (at the space's first group size), chained as units arrive.
-    keep_for_additivity: dict[str, ChainedRun] = {
-        label: ChainedRun(trace) for label, c in probes
-        if label.startswith("bits=") and c.group_size == space.group_size and not c.role_bits and shard is None
-        and settings.additivity}
+    keep_for_additivity = _additivity_runs(trace, probes, space, settings) if shard is None else {}
     finished = checkpoint.load() if checkpoint is not None else {}
     with _timed("measure", timings, cpu):
         units = _measure_units(trace, model, refs, probes, settings, stats_source, squared, norms,
@@ -406,7 +411,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
                 checkpoint.save(EXTRA, extra_units)
 
     additivity = []
-    if settings.additivity and shard is None:
+    if keep_for_additivity:
         with _timed("additivity", timings, cpu):
             additivity = [additivity_check(trace, units, label_bits(label), replacements, label)
                           for label, replacements in keep_for_additivity.items()]
