@@ -58,6 +58,7 @@ from autocompress.models import LoadedModel, adapter_for, load_model, model_fing
 from autocompress.profile.run import ProfileSettings, profile_run, space_fingerprint
 from autocompress.run_calibration import CALIBRATION_FILE, load_calibration
 from autocompress.schedule import Choice, QuantMethod, Schedule
+from autocompress.search.collect import paired_gap
 from autocompress.search.decisions import to_schedule
 from autocompress.search.space import load_space
 from autocompress.search.study import SearchSettings, prepare, search
@@ -81,6 +82,7 @@ class Row:
     screen_ppl: float | None = None
     aligned: bool = False
     size: str = ""  # for searched/knapsack/greedy rows: the size they were searched for
+    window_loss: list[float] | None = None  # per evaluation window, where measured window by window
 
     @property
     def mib(self) -> float:
@@ -361,7 +363,7 @@ def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cach
         searched_bytes = MemoryModel.from_model(model).schedule_bytes(to_schedule(context.slots, best.choices,
                                                                                   fingerprint))
         record(Row(f"searched @ {label}", "searched", searched_bytes, measured["ppl"], measured["kl"],
-                   eval_tokens.numel(), size=label))
+                   eval_tokens.numel(), size=label, window_loss=measured["window_loss"]))
         console.print(f"  searched @ {label}: {searched_bytes / 2**20:.2f} MiB, perplexity {measured['ppl']:.3f}")
         if size in args.apply_sizes:
             # The real thing once: apply, save, load, evaluate; it must equal the measured row.
@@ -381,7 +383,8 @@ def run_searches(args, model, tokenizer, reference, eval_tokens, run: Path, cach
             schedule = to_schedule(context.slots, trial.choices, fingerprint)
             measured = on_eval.measure(trial.choices)
             record(Row(f"{source} @ {label}", source, MemoryModel.from_model(model).schedule_bytes(schedule),
-                       measured["ppl"], measured["kl"], eval_tokens.numel(), size=label))
+                       measured["ppl"], measured["kl"], eval_tokens.numel(), size=label,
+                       window_loss=measured["window_loss"]))
             console.print(f"  {source} @ {label}: perplexity {measured['ppl']:.3f}")
 
 
@@ -479,7 +482,7 @@ def print_tables(rows: dict[str, Row], sizes: list[float], full: int) -> dict:
         limit = size / 100 * full
         table = Table(title=f"size {label} of the 16-bit model ({limit / 2**20:.1f} MiB), perplexity on "
                             f"{original.tokens if original else '?'} evaluation tokens")
-        for column in ("model", "MiB", "perplexity", "KL", "vs searched"):
+        for column in ("model", "MiB", "perplexity", "KL", "vs searched", "loss gap (SE)"):
             table.add_column(column, justify="right" if column != "model" else "left")
         ours = rows.get(f"searched @ {label}")
         shown = [r for r in (ours, rows.get(f"searched, applied and loaded @ {label}"), rows.get(f"knapsack @ {label}"),
@@ -493,8 +496,10 @@ def print_tables(rows: dict[str, Row], sizes: list[float], full: int) -> dict:
             name = row.name + (" (grid-aligned: not compared)" if row.aligned else "") + \
                 (" (the searched trial)" if row.family in ("knapsack", "greedy") and ours
                  and (row.bytes, row.ppl, row.kl) == (ours.bytes, ours.ppl, ours.kl) else "")
+            gap = paired_gap(ours.window_loss, row.window_loss) if ours and row is not ours else None
             table.add_row(name, f"{row.mib:.1f}", f"{value:.3f}{note}" if value else "-",
-                          f"{row.kl:.4f}" if row.kl is not None else "-", ratio)
+                          f"{row.kl:.4f}" if row.kl is not None else "-", ratio,
+                          f"{gap[0]:+.5f} ({gap[1]:.5f})" if gap else "")
         console.print(table)
         # A knapsack or greedy row with the searched row's bytes, perplexity and KL is the trial the
         # search kept (it measures both baselines as trials): the same schedule, not a competitor.
@@ -505,7 +510,9 @@ def print_tables(rows: dict[str, Row], sizes: list[float], full: int) -> dict:
         best = min(measured, key=lambda r: r.ppl, default=None)
         uniform = [r for r in fitting if r.ppl is not None]
         best_uniform = min(uniform, key=lambda r: r.ppl, default=None)
+        gaps = {r.name: paired_gap(ours.window_loss, r.window_loss) for r in shown if ours and r is not ours}
         verdicts[label] = {
+            "paired_loss_gaps": {name: {"mean": gap[0], "se": gap[1]} for name, gap in gaps.items() if gap},
             "searched_ppl": ours.ppl if ours else None, "searched_mib": ours.mib if ours else None,
             "best_baseline": best.name if best else None, "best_baseline_ppl": best.ppl if best else None,
             "beats_all": bool(ours and best and ours.ppl < best.ppl),
@@ -515,6 +522,10 @@ def print_tables(rows: dict[str, Row], sizes: list[float], full: int) -> dict:
             console.print(f"{label}: searched {ours.ppl:.3f} vs best baseline {best.name} {best.ppl:.3f} -> "
                           f"{'BEATS' if ours.ppl < best.ppl else 'LOSES TO'} it; "
                           f"gain over the best uniform recipe {verdicts[label]['gain_over_best_uniform']:.1%}")
+            gap = gaps.get(best.name)
+            if gap:
+                console.print(f"  searched minus {best.name}, loss per token paired over the evaluation windows: "
+                              f"{gap[0]:+.5f} nats, standard error {gap[1]:.5f} ({abs(gap[0]) / gap[1]:.1f} SE)")
     return verdicts
 
 

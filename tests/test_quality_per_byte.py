@@ -386,6 +386,10 @@ def test_apply_ships_exactly_the_model_the_search_measured(family, observer):
     for got, want in zip(_held_out_logits(shipped, holdout), seen):
         assert torch.equal(got, want)
     assert measured["kl"] > 0
+    # per-window figures: one per held-aside window (equal lengths), averaging to the whole
+    assert len(measured["window_kl"]) == len(measured["window_loss"]) == holdout.shape[0]
+    assert sum(measured["window_kl"]) / 4 == pytest.approx(measured["kl"], rel=1e-5)
+    assert sum(measured["window_loss"]) / 4 == pytest.approx(measured["loss"], rel=1e-6)
     # the evaluator put every original module back
     assert all(torch.equal(a, b) for a, b in zip(_held_out_logits(model, holdout), before))
     # and the old sequential calibration ships another model than the one measured

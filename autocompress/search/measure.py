@@ -14,7 +14,7 @@ once (kept in 16 bits). Wanda scores and GPTQ Hessians use each block's inputs f
 Example::
 
     evaluator = SwapEvaluator(model, slots, holdout, calibration)
-    evaluator.measure(picks, report=lambda step, kl: False)   # {"kl", "loss", "ppl"}
+    evaluator.measure(picks, report=lambda step, kl: False)   # {"kl", "loss", "ppl", "window_kl", ...}
 """
 from __future__ import annotations
 
@@ -153,7 +153,9 @@ class SwapEvaluator:
 
     @torch.no_grad()
     def measure(self, picks: dict[str, str], report: Callable[[int, float], bool] | None = None) -> dict[str, float]:
-        """KL(original || candidate), loss and perplexity on the held-aside windows.
+        """KL(original || candidate), loss and perplexity on the held-aside windows, and each
+        window's own mean KL and loss (``window_kl``, ``window_loss``: trials measured on the same
+        windows compare pairwise).
 
         ``report(step, running_kl)`` is called after each batch of windows; returning True
         stops the measurement (raises :class:`Pruned`).
@@ -175,11 +177,16 @@ class SwapEvaluator:
             for index, block in swapped.items():
                 self.blocks[index] = block
             kl_sum, nll_sum, count = 0.0, 0.0, 0
+            window_kl, window_loss = [], []
             for step, (batch, reference) in enumerate(zip(self._batches(), self.reference)):
                 log_probs = F.log_softmax(self._logits(batch), -1)
                 targets = batch[:, 1:]
-                nll_sum += -log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
-                kl_sum += F.kl_div(log_probs, reference.float(), log_target=True, reduction="sum").item()
+                nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)  # per window
+                kl = F.kl_div(log_probs, reference.float(), log_target=True, reduction="none").sum((-1, -2))
+                window_kl += (kl / targets.shape[1]).tolist()
+                window_loss += (nll / targets.shape[1]).tolist()
+                nll_sum += nll.sum().item()
+                kl_sum += kl.sum().item()
                 count += targets.numel()
                 if report is not None and report(step, kl_sum / count):
                     raise Pruned(step, kl_sum / count)
@@ -189,7 +196,8 @@ class SwapEvaluator:
             for path, module in kept.items():
                 set_submodule(self.model, path, module)
         loss = nll_sum / count
-        return {"kl": kl_sum / count, "loss": loss, "ppl": float(torch.tensor(loss).exp())}
+        return {"kl": kl_sum / count, "loss": loss, "ppl": float(torch.tensor(loss).exp()),
+                "window_kl": window_kl, "window_loss": window_loss}
 
     @torch.no_grad()
     def original_quality(self) -> dict[str, float]:

@@ -30,7 +30,9 @@ class TrialRecord:
     ``predicted_kl`` is the additive sum of profile KLs, ``corrected_kl`` the learned
     correction of it (None before enough trials were measured), ``measured_kl`` the KL to the
     original on the held-aside calibration slice (None when not measured; for a pruned trial,
-    the running mean when it was stopped). ``state`` is Optuna's (COMPLETE, PRUNED, FAIL...).
+    the running mean when it was stopped), ``window_kl`` the same per held-aside window (the
+    windows are the same for every trial, so two trials compare pairwise). ``state`` is
+    Optuna's (COMPLETE, PRUNED, FAIL...).
     """
 
     number: int
@@ -49,6 +51,7 @@ class TrialRecord:
     feasible: bool
     state: str
     seconds: float = 0.0
+    window_kl: list[float] | None = None  # each held-aside window's mean KL, when measured
 
 
 @dataclass
