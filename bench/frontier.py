@@ -58,8 +58,8 @@ from autocompress.models import LoadedModel, adapter_for, load_model, model_fing
 from autocompress.profile.run import ProfileSettings, profile_run, space_fingerprint
 from autocompress.run_calibration import CALIBRATION_FILE, load_calibration
 from autocompress.schedule import Choice, QuantMethod, Schedule
-from autocompress.search.collect import paired_gap
 from autocompress.search.decisions import to_schedule
+from autocompress.search.result import paired_gap
 from autocompress.search.space import load_space
 from autocompress.search.study import SearchSettings, prepare, search
 

@@ -19,7 +19,6 @@ from autocompress.models import load_model, model_fingerprint
 from autocompress.schedule import Choice, Schedule
 from autocompress.search import baselines
 from autocompress.search.budget import Budget
-from autocompress.search.collect import kl_gap
 from autocompress.search.decisions import build_slots, to_schedule
 from autocompress.search.result import SearchResult
 from autocompress.search.space import load_space, space_from_dict
@@ -201,14 +200,7 @@ def test_search_meets_memory_exactly_and_keeps_the_best_baseline(run_dir, tmp_pa
     # uniform:bits=4/g64+embed:bits=8/g128+embed:bits=16
     uniform = [k for k in saved.baselines if k.startswith("uniform:")]
     assert all(k.count("+embed:bits=") == 2 and k.split("+")[0].startswith("uniform:bits=") for k in uniform), uniform
-    assert all(m is not None for m in measured)
-    # The lowest measured KL is kept, or a trial tied with it within 2 standard errors that has a lower perplexity.
-    lowest = min((t for t in saved.trials if t.measured_kl is not None and t.state == "COMPLETE" and t.feasible),
-                 key=lambda t: (t.measured_kl, t.number))
-    assert best.measured_kl <= min(measured) or best is not lowest
-    if best is not lowest:
-        mean, error = kl_gap(best, lowest)
-        assert mean <= 2 * error and best.measured_loss < lowest.measured_loss
+    assert all(m is not None for m in measured) and best.measured_kl <= min(measured)
     windows = 1024 // 128
     assert all(len(t.window_kl) == windows and sum(t.window_kl) / windows == pytest.approx(t.measured_kl, rel=1e-5)
                for t in saved.trials if t.measured_kl is not None and t.state == "COMPLETE")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_device_options, add_threads, device_options, non_negative_float, non_negative_int, positive_int
+from .common import add_device_options, add_threads, device_options, non_negative_int, positive_int
 
 # Latency devices that ``--device`` took before it named where the model runs (still read as ``--latency-device``).
 _LATENCY_ONLY = ("h100", "h200", "a100", "rtx4090")
@@ -38,9 +38,6 @@ def register(verbs) -> None:
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--measure", type=non_negative_int,
                     help="most real evaluations in all; baselines are measured regardless (default: trials/8 + 8)")
-    se.add_argument("--tie-z", type=non_negative_float, default=2.0,
-                    help="trials whose held-aside KL is within this many standard errors of the lowest are ties, "
-                         "and the lowest held-aside perplexity among them is kept; 0 keeps the lowest KL (default 2)")
     se.add_argument("--holdout-tokens", type=positive_int, default=1024,
                     help="held-aside calibration tokens to measure candidates on (default 1024)")
     se.add_argument("--calibration-tokens", type=positive_int, default=None,
@@ -83,7 +80,7 @@ def run(args) -> int:
         run_dir=args.run_dir, budget=tuple(args.budget), trials=args.trials, space=space, storage=args.storage,
         study_name=args.study_name, resume=args.resume, pareto=args.pareto, workers=args.workers, seed=args.seed,
         holdout_tokens=args.holdout_tokens, window=args.window, calibration_tokens=args.calibration_tokens,
-        measure=args.measure, tie_z=args.tie_z, warm_start=args.warm_start, device=latency_device, batch=args.batch,
+        measure=args.measure, warm_start=args.warm_start, device=latency_device, batch=args.batch,
         context=args.context, measure_latency=args.measure_latency, progress=not (args.no_progress or args.worker),
         finalize=not args.worker, threads=args.threads)
     model, tokenizer = _load_profiled_model(args.run_dir, device, dtype)

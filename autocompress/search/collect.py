@@ -1,14 +1,11 @@
 """From a finished study to the artifacts: ``search.json`` records, the best schedule, the table.
 
-The best trial is the feasible one with the lowest *measured* KL, unless other trials are
-tied with it within the measurement's noise: then the lowest held-aside perplexity among them
-(:func:`choose_best`). Baselines are always measured, so the best is never worse than them,
-and when it is a baseline the notes say so.
+The best trial is the feasible one with the lowest *measured* KL; baselines are always
+measured, so it is never worse than them, and when it is a baseline the notes say so.
 """
 from __future__ import annotations
 
 import math
-import statistics
 from typing import TYPE_CHECKING
 
 from .decisions import to_schedule
@@ -60,56 +57,13 @@ def _pareto(records: list[TrialRecord]) -> list[int]:
     return sorted(front)
 
 
-def paired_gap(values: list[float] | None, reference: list[float] | None) -> tuple[float, float] | None:
-    """Mean and standard error of ``values`` minus ``reference``, paired window by window (two
-    models measured on the same windows); None unless both hold the same number (2 or more)."""
-    if not values or not reference or len(values) != len(reference) or len(values) < 2:
-        return None
-    gaps = [x - y for x, y in zip(values, reference)]
-    return statistics.fmean(gaps), statistics.stdev(gaps) / math.sqrt(len(gaps))
-
-
-def kl_gap(trial: TrialRecord, best: TrialRecord) -> tuple[float, float] | None:
-    """Mean and standard error of ``trial``'s KL minus ``best``'s, paired over the held-aside
-    windows both were measured on; None without per-window figures for both."""
-    return paired_gap(trial.window_kl, best.window_kl)
-
-
-def choose_best(measured: list[TrialRecord], z: float) -> tuple[TrialRecord, str | None]:
-    """The trial to keep among measured, feasible ones, and a note when it is not the lowest-KL one.
-
-    KL to the original ranks trials: it compares whole distributions, so it separates them on
-    fewer tokens than perplexity does. Two trials whose KLs differ by less than ``z`` standard
-    errors of their paired difference are a tie the measurement cannot break. Among the
-    lowest-KL trial and its ties, the lowest held-aside perplexity is kept: perplexity is what
-    a user compares recipes by. ``z = 0`` keeps the lowest KL.
-    """
-    lowest = min(measured, key=lambda r: (r.measured_kl, r.number))
-    if z <= 0:
-        return lowest, None
-    ties = [lowest]
-    for record in measured:
-        gap = kl_gap(record, lowest)
-        if record is not lowest and record.measured_loss is not None and gap is not None and gap[0] <= z * gap[1]:
-            ties.append(record)
-    best = min(ties, key=lambda r: (r.measured_loss if r.measured_loss is not None else math.inf, r.number))
-    if best is lowest:
-        return best, None
-    mean, error = kl_gap(best, lowest)
-    return best, (f"trial {best.number} ({best.source}) kept over the lowest-KL trial {lowest.number} "
-                  f"({lowest.source}): KL higher by {mean:.3g} +- {error:.3g} (within {z:g} standard errors), "
-                  f"held-aside perplexity {best.measured_ppl:.4f} against {lowest.measured_ppl:.4f}")
-
-
 def collect(ctx: Context, study, url: str, name: str, notes: list[str], seconds: float) -> SearchResult:
-    """Turn the study into a :class:`SearchResult` (best: :func:`choose_best` among measured feasible trials)."""
+    """Turn the study into a :class:`SearchResult` (best = lowest measured KL among feasible trials)."""
     records = _records(ctx, study)
     done = [r for r in records if r.state == "COMPLETE" and r.feasible]
     measured = [r for r in done if r.measured_kl is not None]
     if measured:
-        best, why = choose_best(measured, ctx.settings.tie_z)
-        if why:
-            notes.append(why)
+        best = min(measured, key=lambda r: (r.measured_kl, r.number))
     elif done:
         best = min(done, key=lambda r: (r.corrected_kl or r.predicted_kl, r.number))
         notes.append("no trial was measured; the best is chosen by predicted KL")
@@ -127,6 +81,9 @@ def collect(ctx: Context, study, url: str, name: str, notes: list[str], seconds:
     beat = best is not None and not best.source.startswith(BASELINE_SOURCES)
     if best is not None and not beat:
         notes.append(f"the search did not beat the best baseline: {best.source} (trial {best.number}) is kept")
+    measured_base = [b["measured_kl"] for b in baselines.values() if b["measured_kl"] is not None]
+    if best is not None and measured_base and best.measured_kl is not None:
+        assert best.measured_kl <= min(measured_base) + 1e-12  # baselines are measured, so this holds by choice
     original = dict(ctx.evaluator.original_quality()) if measured else {}
     original.update(ctx.budget.original)
     correction = Correction(ctx.slots)

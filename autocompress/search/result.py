@@ -9,7 +9,9 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import os
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,3 +115,18 @@ class SearchResult:
     def load(cls, path: str | os.PathLike) -> SearchResult:
         """Read a result written by :meth:`save`."""
         return cls.from_json(read_artifact(path, SEARCH_TYPE, SEARCH_VERSION), path)
+
+
+def paired_gap(values: list[float] | None, reference: list[float] | None) -> tuple[float, float] | None:
+    """Mean and standard error of ``values`` minus ``reference``, paired window by window (two
+    models measured on the same windows, e.g. two trials' ``window_kl``); None unless both hold
+    the same number of windows, at least two.
+
+    Example::
+
+        mean, error = paired_gap(result.trial(7).window_kl, result.trial(result.best).window_kl)
+    """
+    if not values or not reference or len(values) != len(reference) or len(values) < 2:
+        return None
+    gaps = [x - y for x, y in zip(values, reference)]
+    return statistics.fmean(gaps), statistics.stdev(gaps) / math.sqrt(len(gaps))

@@ -14,9 +14,7 @@ Flow of one search (``autocompress search RUN --budget ... --trials N``):
    learned correction cost microseconds; promising feasible candidates (and every baseline) are measured for real
    on held-aside calibration windows by swapping cached compressed blocks, with intermediate KL
    reported so the pruner stops hopeless ones; budgets are ``trial.set_constraint`` values;
-4. the best *measured* feasible trial becomes ``RUN/schedule.json``: the lowest KL, or among
-   the trials whose KL is the lowest within the measurement's noise, the lowest held-aside
-   perplexity (:func:`~autocompress.search.collect.choose_best`); every trial goes to
+4. the best *measured* feasible trial becomes ``RUN/schedule.json``; every trial goes to
    ``RUN/search.json``. Baselines are measured, so the result is never worse than them.
 
 ``--trials N`` is the total of finished (complete or pruned) trials of the study, whoever
@@ -55,9 +53,7 @@ class SearchSettings:
     (default: an eighth of the trials plus eight; baselines are always measured). ``holdout_tokens`` of the
     calibration split, after the profile's own tokens, are the measuring slice; Wanda and GPTQ
     statistics use the first ``calibration_tokens`` (default: the profile's own tokens), so
-    what is measured never informed what is compressed. Trials whose measured KL is within
-    ``tie_z`` standard errors of the lowest one are ties; the lowest held-aside perplexity
-    among them is kept (0: the lowest KL, always).
+    what is measured never informed what is compressed.
     """
 
     run_dir: str
@@ -77,7 +73,6 @@ class SearchSettings:
     uniform_baselines: int = 4
     prune_factor: float = 1.5
     promising_slack: float = 0.25
-    tie_z: float = 2.0
     warm_start: str | None = None
     device: str = "h100"
     batch: int = 1
