@@ -94,7 +94,11 @@ def check_transfer(candidates: list[Schedule], model, space, rows: torch.Tensor)
     results = []
     for candidate in candidates:
         picks = schedule_picks(slots, candidate)
-        results.append(None if picks is None else evaluator.measure(picks))
+        if picks is None:
+            results.append(None)
+            continue
+        measured = evaluator.measure(picks)
+        results.append({key: measured[key] for key in ("kl", "loss", "ppl")})
     return results
 
 
