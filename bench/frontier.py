@@ -489,28 +489,27 @@ def print_tables(rows: dict[str, Row], sizes: list[float], full: int) -> dict:
                              rows.get(f"greedy @ {label}")) if r is not None]
         fitting = sorted(competitors(rows, limit), key=lambda r: (r.ppl is None, r.ppl or r.screen_ppl or 0))
         aligned = [r for r in rows.values() if r.aligned and r.bytes <= limit]
+        # A knapsack or greedy row with the searched row's bytes, perplexity and KL is the trial the
+        # search kept (it measures both baselines as trials): the same schedule, not a competitor.
+        same = [r for r in shown if r.family in ("knapsack", "greedy") and ours
+                and (r.bytes, r.ppl, r.kl) == (ours.bytes, ours.ppl, ours.kl)]
+        gaps = {r.name: paired_gap(ours.window_loss, r.window_loss) for r in shown if ours and r is not ours}
         for row in shown + fitting[:8] + aligned:
             value = row.ppl if row.ppl is not None else row.screen_ppl
             note = "" if row.ppl is not None else " (screened)"
             ratio = f"{ours.ppl / row.ppl:.3f}" if ours and row.ppl and row is not ours else ""
             name = row.name + (" (grid-aligned: not compared)" if row.aligned else "") + \
-                (" (the searched trial)" if row.family in ("knapsack", "greedy") and ours
-                 and (row.bytes, row.ppl, row.kl) == (ours.bytes, ours.ppl, ours.kl) else "")
-            gap = paired_gap(ours.window_loss, row.window_loss) if ours and row is not ours else None
+                (" (the searched trial)" if row in same else "")
+            gap = gaps.get(row.name)
             table.add_row(name, f"{row.mib:.1f}", f"{value:.3f}{note}" if value else "-",
                           f"{row.kl:.4f}" if row.kl is not None else "-", ratio,
                           f"{gap[0]:+.5f} ({gap[1]:.5f})" if gap else "")
         console.print(table)
-        # A knapsack or greedy row with the searched row's bytes, perplexity and KL is the trial the
-        # search kept (it measures both baselines as trials): the same schedule, not a competitor.
-        same = [r for r in shown if r.family in ("knapsack", "greedy") and ours
-                and (r.bytes, r.ppl, r.kl) == (ours.bytes, ours.ppl, ours.kl)]
         measured = [r for r in fitting if r.ppl is not None] + \
             [r for r in shown if r.family in ("knapsack", "greedy") and r not in same]
         best = min(measured, key=lambda r: r.ppl, default=None)
         uniform = [r for r in fitting if r.ppl is not None]
         best_uniform = min(uniform, key=lambda r: r.ppl, default=None)
-        gaps = {r.name: paired_gap(ours.window_loss, r.window_loss) for r in shown if ours and r is not ours}
         verdicts[label] = {
             "paired_loss_gaps": {name: {"mean": gap[0], "se": gap[1]} for name, gap in gaps.items() if gap},
             "searched_ppl": ours.ppl if ours else None, "searched_mib": ours.mib if ours else None,

@@ -382,10 +382,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
 
     norms = LinearInputNorms()
     with _timed("trace", timings, cpu):
-        linear_paths = list(adapter.linears.values())
-        hook = (lambda i, b: norms.hook_block(b, linear_paths, f"{adapter.blocks_path}.{i}")) \
-            if space.granularity is Granularity.LINEAR and settings.proxies else None
-        trace = trace_model(model, rows, batch_size=settings.batch_size, hook=hook)
+        trace = _trace(model, rows, space, settings, norms)
 
     needs_stats = any(needs_calibration(c, {p: c for p in adapter.linears.values()}) for _, c in probes)
     calib_rows = calibration.rows if calibration is not None else rows
@@ -406,9 +403,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     extra_units = []
     if space.embedding_choices() and whole:
         with _timed("embedding", timings, cpu):
-            extra_units = finished.get(EXTRA) or _embedding_units(model, rows, space, settings)
-            if checkpoint is not None and EXTRA not in finished:
-                checkpoint.save(EXTRA, extra_units)
+            extra_units = _embedding_units_once(model, rows, space, settings, checkpoint, finished)
 
     additivity = []
     if keep_for_additivity:
@@ -423,12 +418,7 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
     if settings.roles and whole:
         with _timed("roles", timings, cpu):
             role_curves = _probe_roles(loaded, trace, tokens, settings, units, meta, bos)
-    meta["timings"], meta["cpu_timings"] = timings, cpu
-    meta["data_split"] = getattr(getattr(stream, "split", None), "value", None)
-    if calibration is not None:
-        meta["calibration"] = calibration.describe()
-    # CPU seconds of this process: on a shared machine, closer than wall time to what it costs alone.
-    meta["cpu_seconds"] = time.process_time() - cpu_started
+    _finish_meta(meta, timings, cpu, stream, calibration, cpu_started)
 
     return Profile(
         model=model_name or loaded.spec,
@@ -442,6 +432,37 @@ def profile_model(loaded: LoadedModel, stream, space: SearchSpace, settings: Pro
         proxy_spearman=proxy_correlations(units, [label for label, _ in probes])
         if settings.proxies and shard is None else {},
         role_curves=role_curves, seconds=time.perf_counter() - started, meta=meta)
+
+
+def _trace(model, rows, space: SearchSpace, settings: ProfileSettings, norms: LinearInputNorms):
+    """The original model's trace on ``rows``; linear-grained spaces with proxies also fill ``norms``."""
+    adapter = adapter_for(model)
+    linear_paths = list(adapter.linears.values())
+    hook = (lambda i, b: norms.hook_block(b, linear_paths, f"{adapter.blocks_path}.{i}")) \
+        if space.granularity is Granularity.LINEAR and settings.proxies else None
+    return trace_model(model, rows, batch_size=settings.batch_size, hook=hook)
+
+
+def _embedding_units_once(model, rows, space: SearchSpace, settings: ProfileSettings,
+                          checkpoint: UnitCheckpoints | None, finished: dict) -> list:
+    """The embedding (and untied head) units: from the checkpoint when it holds them, else
+    measured and saved to it."""
+    if EXTRA in finished:
+        return finished[EXTRA]
+    units = _embedding_units(model, rows, space, settings)
+    if checkpoint is not None:
+        checkpoint.save(EXTRA, units)
+    return units
+
+
+def _finish_meta(meta: dict, timings: dict, cpu: dict, stream, calibration, cpu_started: float) -> None:
+    """Add the step timings, the data split, the calibration rows and this process's CPU seconds."""
+    meta["timings"], meta["cpu_timings"] = timings, cpu
+    meta["data_split"] = getattr(getattr(stream, "split", None), "value", None)
+    if calibration is not None:
+        meta["calibration"] = calibration.describe()
+    # CPU seconds of this process: on a shared machine, closer than wall time to what it costs alone.
+    meta["cpu_seconds"] = time.process_time() - cpu_started
 
 
 def _describe_stream(stream) -> str:
