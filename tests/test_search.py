@@ -306,6 +306,21 @@ def test_two_workers_finish_exactly_the_requested_trials(rtn_run, tmp_path, kind
     assert sum(t.state in ("COMPLETE", "PRUNED") for t in result.trials) == 16
 
 
+def test_a_worker_loads_the_model_as_the_search_does():
+    """Extra workers get --device and --dtype as given: a worker in another dtype would measure
+    KL on other numbers and its trials would not compare with the rest."""
+    from autocompress.cli import build_parser
+    from autocompress.search.study import worker_command
+
+    settings = SearchSettings("runs/x", ("memory=50%", "avg-bits=6"), trials=30, model_device="cpu",
+                              model_dtype="bfloat16", holdout_tokens=2048, device="a100", threads=3)
+    command = worker_command(settings)
+    args = build_parser().parse_args(command[command.index("search"):])
+    assert (args.device, args.dtype, args.latency_device) == ("cpu", "bfloat16", "a100")
+    assert (args.budget, args.trials, args.holdout_tokens, args.threads) == (["memory=50%", "avg-bits=6"], 30, 2048, 3)
+    assert args.worker and args.resume
+
+
 def test_malformed_space_and_infeasible_budget_on_the_cli(run_dir, tmp_path, capsys):
     from autocompress.cli import main
 

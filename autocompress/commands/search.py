@@ -82,6 +82,7 @@ def run(args) -> int:
         holdout_tokens=args.holdout_tokens, window=args.window, calibration_tokens=args.calibration_tokens,
         measure=args.measure, warm_start=args.warm_start, device=latency_device, batch=args.batch,
         context=args.context, measure_latency=args.measure_latency, progress=not (args.no_progress or args.worker),
+        model_device=args.device, model_dtype=args.dtype,
         finalize=not args.worker, threads=args.threads)
     model, tokenizer = _load_profiled_model(args.run_dir, device, dtype)
     result = search(settings, model=model, tokenizer=tokenizer)

@@ -74,7 +74,9 @@ class SearchSettings:
     prune_factor: float = 1.5
     promising_slack: float = 0.25
     warm_start: str | None = None
-    device: str = "h100"
+    device: str = "h100"  # the latency device
+    model_device: str = "auto"  # where the model runs (--device), as given: workers resolve it the same way
+    model_dtype: str = "auto"  # --dtype, as given
     batch: int = 1
     context: int = 512
     measure_latency: bool | None = None
@@ -405,7 +407,8 @@ def _should_measure(ctx: Context, study, trial, estimate: float, measured_count:
 
 
 def worker_command(settings: SearchSettings) -> list[str]:
-    """The command line of one extra worker process for ``settings`` (joins the same study)."""
+    """The command line of one extra worker process for ``settings`` (joins the same study, and
+    loads the model on the same device in the same dtype, so its measurements compare)."""
     cmd = [sys.executable, "-m", "autocompress", "search", settings.run_dir, "--trials", str(settings.trials),
            "--resume", "--worker", "--storage", storage_url(settings), "--seed", str(settings.seed)]
     for spec in settings.budget:
@@ -413,7 +416,8 @@ def worker_command(settings: SearchSettings) -> list[str]:
     options = {"--space": settings.space, "--study-name": settings.study_name, "--holdout-tokens": settings.holdout_tokens,
                "--window": settings.window, "--calibration-tokens": settings.calibration_tokens,
                "--measure": settings.measure, "--latency-device": settings.device, "--batch": settings.batch,
-               "--context": settings.context, "--threads": settings.threads}
+               "--context": settings.context, "--threads": settings.threads, "--device": settings.model_device,
+               "--dtype": settings.model_dtype}
     for flag, value in options.items():
         if value is not None:
             cmd += [flag, str(value)]
