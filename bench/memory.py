@@ -124,6 +124,7 @@ class BenchSettings:
     valid_tokens: int = 256
     eval_tokens: int = 1024
     eval_window: int = 512
+    search_cache_mib: int | None = None  # search --cache-mib (None: the search's default)
 
 
 @dataclass(frozen=True)
@@ -226,8 +227,10 @@ def verb_argv(verb: str, model: Path, run: Path, space: Path, settings: BenchSet
                 "--tokens", str(s.tokens), "--seq-len", str(s.seq_len), "--no-roles", "--no-proxies",
                 "--calib-tokens", str(s.calib_tokens), "--calib-seq-len", str(s.seq_len), *common]
     if verb == "search":
+        cache = ["--cache-mib", str(s.search_cache_mib)] if s.search_cache_mib else []
         return ["search", str(run), "--budget", budget, "--space", str(space), "--trials", str(s.trials),
-                "--holdout-tokens", str(s.holdout_tokens), "--window", str(s.seq_len), "--no-progress", *common]
+                "--holdout-tokens", str(s.holdout_tokens), "--window", str(s.seq_len), "--no-progress", *cache,
+                *common]
     if verb == "apply":
         return ["apply", str(run), "--data", s.data, "--calib-tokens", str(s.calib_tokens),
                 "--seq-len", str(s.seq_len), "--valid-tokens", str(s.valid_tokens), *common]
@@ -315,6 +318,9 @@ def bench_size(name: str, verbs: list[str], settings: BenchSettings, say) -> lis
             say(f"[yellow]{name}: {verb} skipped ({need} did not run or failed)[/yellow]")
             failed.add(verb)
             continue
+        if verb == "search":  # a search of the same budget again: a new study, not a refused one
+            for stale in ("study.db", "study.db-wal", "study.db-shm"):
+                (run / stale).unlink(missing_ok=True)
         say(f"[dim]{name}: {verb} ...[/dim]")
         result = run_verb(verb, verb_argv(verb, model, run, space, settings, settings.budget or BUDGETS.get(name, DEFAULT_BUDGET)), logs / f"{verb}.log", settings)
         results.append(result)
@@ -390,6 +396,8 @@ def main() -> int:
     parser.add_argument("--valid-tokens", type=int, default=d.valid_tokens, help="apply (default 256)")
     parser.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="eval (default 1024)")
     parser.add_argument("--eval-window", type=int, default=d.eval_window, help="eval window (default 512)")
+    parser.add_argument("--search-cache-mib", type=int, default=None,
+                        help="search --cache-mib (default: the search's own, a quarter of the model's 16-bit size)")
     args = parser.parse_args()
 
     from rich.console import Console  # noqa: PLC0415
@@ -412,7 +420,8 @@ def main() -> int:
     settings = BenchSettings(dtype=args.dtype, device=args.device, threads=args.threads, data=args.data,
                              tokens=args.tokens, seq_len=args.seq_len, calib_tokens=args.calib_tokens,
                              trials=args.trials, holdout_tokens=args.holdout_tokens, budget=args.budget,
-                             valid_tokens=args.valid_tokens, eval_tokens=args.eval_tokens, eval_window=args.eval_window)
+                             valid_tokens=args.valid_tokens, eval_tokens=args.eval_tokens, eval_window=args.eval_window,
+                             search_cache_mib=args.search_cache_mib)
     say(f"verbs {', '.join(verbs)}; {settings.dtype} on {settings.device}, {settings.threads} thread(s); "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for name in sizes:
@@ -421,7 +430,8 @@ def main() -> int:
         record = {"size": name, "shape": asdict(SIZES[name]), "parameters": SIZES[name].parameters(),
                   "bf16_bytes": 2 * SIZES[name].parameters(), "settings": asdict(settings),
                   "results": [asdict(r) for r in results]}
-        target = OUT / f"{name}-{settings.dtype}-{settings.device.replace(':', '')}.json"
+        partial = "" if set(verbs) >= set(DEFAULT_VERBS) else "-" + "-".join(verbs)  # keep the full run's record
+        target = OUT / f"{name}-{settings.dtype}-{settings.device.replace(':', '')}{partial}.json"
         target.write_text(json.dumps(record, indent=2))
         say(f"[dim]written {target.relative_to(ROOT)}[/dim]")
     return 0

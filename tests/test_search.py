@@ -313,10 +313,11 @@ def test_a_worker_loads_the_model_as_the_search_does():
     from autocompress.search.study import worker_command
 
     settings = SearchSettings("runs/x", ("memory=50%", "avg-bits=6"), trials=30, model_device="cpu",
-                              model_dtype="bfloat16", holdout_tokens=2048, device="a100", threads=3)
+                              model_dtype="bfloat16", holdout_tokens=2048, device="a100", threads=3,
+                              cache_mib=512)
     command = worker_command(settings)
     args = build_parser().parse_args(command[command.index("search"):])
-    assert (args.device, args.dtype, args.latency_device) == ("cpu", "bfloat16", "a100")
+    assert (args.device, args.dtype, args.latency_device, args.cache_mib) == ("cpu", "bfloat16", "a100", 512)
     assert (args.budget, args.trials, args.holdout_tokens, args.threads) == (["memory=50%", "avg-bits=6"], 30, 2048, 3)
     assert args.worker and args.resume
 

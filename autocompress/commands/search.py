@@ -53,6 +53,11 @@ def register(verbs) -> None:
                     help="time the linears on the device (default: when it is at hand)")
     se.add_argument("--roofline", dest="measure_latency", action="store_const", const=False,
                     help="latency from the roofline only, even on the device")
+    se.add_argument("--cache-mib", type=positive_int, default=None, metavar="MIB",
+                    help="memory for the compressed blocks and GPTQ statistics kept between trials, in MiB "
+                         "(default: a quarter of the model's 16-bit size, at least 1024, at most a quarter of this "
+                         "machine's memory); past it the least recently used are computed again when needed, "
+                         "to the same numbers")
     se.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a spawned worker process
     se.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads(se)
@@ -82,7 +87,7 @@ def run(args) -> int:
         holdout_tokens=args.holdout_tokens, window=args.window, calibration_tokens=args.calibration_tokens,
         measure=args.measure, warm_start=args.warm_start, device=latency_device, batch=args.batch,
         context=args.context, measure_latency=args.measure_latency, progress=not (args.no_progress or args.worker),
-        model_device=args.device, model_dtype=args.dtype,
+        model_device=args.device, model_dtype=args.dtype, cache_mib=args.cache_mib,
         finalize=not args.worker, threads=args.threads)
     model, tokenizer = _load_profiled_model(args.run_dir, device, dtype)
     result = search(settings, model=model, tokenizer=tokenizer)

@@ -1,10 +1,14 @@
 """Measure a candidate for real without copying the model: swap compressed blocks in, run, swap back.
 
-Each (block, option) is compressed once, when a trial first needs it, with
+Each (block, option) is compressed when a trial first needs it, with
 :func:`~autocompress.compress.apply.compress_block` (a compressed copy of the original
-block, calibrated by the block's statistics on the original activations, computed once per
-block, exactly as ``apply`` compresses it) and kept in a bounded cache. A trial puts the
-cached blocks into the model's ``ModuleList``, runs one forward pass over the held-aside windows, and restores the original
+block, calibrated by the block's statistics on the original activations, exactly as
+``apply`` compresses it). Compressed blocks and block statistics stay in a cache bounded in
+bytes (``max_bytes``, by default a quarter of the model's 16-bit size, see :func:`default_cache_bytes`):
+past it, statistics leave first, then the least recently used blocks, and both are computed
+again, to the same numbers, when a later trial needs them (GPTQ codes come back from the run's
+code cache). A trial puts the cached blocks into the model's
+``ModuleList``, runs one forward pass over the held-aside windows, and restores the original
 blocks, so the model is never deep-copied and a trial costs one forward pass.
 
 The reference is the original model's next-token distribution on the same windows, computed
@@ -18,7 +22,6 @@ Example::
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -32,6 +35,7 @@ from ..compress.prune import set_submodule
 from ..compress.quant_embedding import embedding_replacements
 from ..models import adapter_for
 from ..schedule import Choice
+from .byte_cache import ByteLRU, default_cache_bytes, tensor_bytes
 from .decisions import Slot
 
 
@@ -47,7 +51,7 @@ class SwapEvaluator:
     """Quality of slot picks on held-aside windows, by swapping cached compressed blocks."""
 
     def __init__(self, model: nn.Module, slots: list[Slot], holdout: torch.Tensor, calibration: torch.Tensor | None,
-                 *, batch_size: int = 2, max_cached: int = 1024, code_cache: CodeCache | None = None):
+                 *, batch_size: int = 2, max_bytes: int | None = None, code_cache: CodeCache | None = None):
         self.model = model
         self.slots = slots
         self.adapter = adapter_for(model)
@@ -57,12 +61,13 @@ class SwapEvaluator:
         self.holdout = holdout.to(self.device)  # [windows, window], on the model's device
         self.calibration = calibration  # [rows, seq] or None
         self.batch_size = batch_size
-        self.max_cached = max_cached
         self.code_cache = code_cache  # the run's GPTQ codes on disk, for these calibration rows
-        self.cache: OrderedDict = OrderedDict()
+        # Compressed blocks and embedding replacements, reused from trial to trial, and block
+        # statistics, needed only to compress a block (transient): one byte budget for all.
+        self.cache = ByteLRU(default_cache_bytes(model) if max_bytes is None else max_bytes)
         self.compressions = 0
+        self.stats_computed = 0
         self._inputs: list[BlockInputs] | None = None
-        self._stats: dict[int, dict] = {}
         self._slots_of_block: dict[int, list[Slot]] = {}
         for slot in slots:
             self._slots_of_block.setdefault(slot.block, []).append(slot)
@@ -91,23 +96,27 @@ class SwapEvaluator:
         """An evaluator of the same slots on other windows that shares this one's compressed
         blocks, statistics and calibration inputs (e.g. the evaluation split, for what ships)."""
         other = SwapEvaluator(self.model, self.slots, holdout, self.calibration, batch_size=self.batch_size,
-                              max_cached=self.max_cached, code_cache=self.code_cache)
-        other.cache, other._stats, other._inputs = self.cache, self._stats, self._inputs
+                              max_bytes=self.cache.max_bytes, code_cache=self.code_cache)
+        other.cache, other._inputs = self.cache, self._inputs
         return other
 
     def reuse_stats(self, store: dict[int, dict]) -> None:
         """Take blocks' statistics and GPTQ codes computed elsewhere on the same calibration rows
         and the same original activations (a profile in this process: ``profile_model(stats_store=)``)."""
-        self._stats.update(store)
+        for index, stats in store.items():
+            self.cache.put(("stats", index), stats, tensor_bytes(stats), transient=True)
 
     def _block_stats(self, index: int) -> dict:
-        """Block ``index``'s statistics on the original activations, computed once (see ``block_stats``)."""
-        if index not in self._stats:
+        """Block ``index``'s statistics on the original activations (see ``block_stats``), kept
+        while the byte budget allows and computed again, to the same numbers, when it did not."""
+        stats = self.cache.get(("stats", index))
+        if stats is None:
             choices = [option.choice for slot in self._slots_of_block.get(index, []) for option in slot.options]
-            self._stats[index] = block_stats(self.originals[index], self.model, self._block_inputs(index),
-                                             batch_size=self.batch_size, choices=choices,
-                                             cache=self.code_cache, index=index)
-        return self._stats[index]
+            stats = block_stats(self.originals[index], self.model, self._block_inputs(index),
+                                batch_size=self.batch_size, choices=choices, cache=self.code_cache, index=index)
+            self.stats_computed += 1
+            self.cache.put(("stats", index), stats, tensor_bytes(stats), transient=True)
+        return stats
 
     def _plan(self, index: int, picks: dict[str, str]) -> tuple[Choice, dict[str, Choice]] | None:
         """The block's (choice, linear overrides), or None when it stays as it is."""
@@ -127,29 +136,28 @@ class SwapEvaluator:
 
     def compressed(self, index: int, choice: Choice, linears: dict[str, Choice]) -> nn.Module:
         """Block ``index`` compressed as planned (cached; compressed at most once while cached)."""
-        key = (index, choice, tuple(sorted(linears.items(), key=lambda kv: kv[0])))
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
+        key = ("block", index, choice, tuple(sorted(linears.items(), key=lambda kv: kv[0])))
+        block = self.cache.get(key)
+        if block is not None:
+            return block
         full = {p: linears.get(p, choice) for p in self.adapter.linears.values()}
         inputs = self._block_inputs(index) if needs_calibration(choice, full) else None
         stats = self._block_stats(index) if inputs is not None else None
         block = compress_block(self.originals[index], index, self.model, choice, inputs,
                                linear_choices=linears or None, batch_size=self.batch_size, stats=stats)
         self.compressions += 1
-        self.cache[key] = block
-        while len(self.cache) > self.max_cached:
-            self.cache.popitem(last=False)
+        self.cache.put(key, block, tensor_bytes(block, _storages(self.originals[index])))
         return block
 
     def replacements(self, unit: str, choice: Choice) -> dict[str, nn.Module]:
         """The quantized embedding (with a tied head) or untied head modules of ``unit`` (cached)."""
-        key = (unit, choice)
-        if key not in self.cache:
-            self.cache[key] = embedding_replacements(self.model, unit, choice)
+        key = ("unit", unit, choice)
+        modules = self.cache.get(key)
+        if modules is None:
+            modules = embedding_replacements(self.model, unit, choice)
             self.compressions += 1
-        self.cache.move_to_end(key)
-        return self.cache[key]
+            self.cache.put(key, modules, tensor_bytes(modules, _storages(self.model)))
+        return modules
 
     @torch.no_grad()
     def measure(self, picks: dict[str, str], report: Callable[[int, float], bool] | None = None) -> dict[str, float]:
@@ -209,3 +217,8 @@ class SwapEvaluator:
             count += targets.numel()
         loss = nll_sum / count
         return {"loss": loss, "ppl": float(torch.tensor(loss).exp())}
+
+
+def _storages(module: nn.Module) -> frozenset[int]:
+    # A compressed copy shares what it left alone (norms, 16-bit linears) with the original.
+    return frozenset(t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()])

@@ -83,6 +83,7 @@ class SearchSettings:
     progress: bool = True
     finalize: bool = True
     threads: int | None = None
+    cache_mib: int | None = None  # memory for compressed blocks and statistics (default: a quarter of the 16-bit model)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 # ---------------------------------------------------------------------------------------
@@ -117,8 +118,9 @@ class Context:
         if self._evaluator is None:
             from .measure import SwapEvaluator  # noqa: PLC0415
 
+            mib = self.settings.cache_mib
             self._evaluator = SwapEvaluator(self.model, self.slots, self.holdout, self.calibration,
-                                            code_cache=self.code_cache)
+                                            code_cache=self.code_cache, max_bytes=None if mib is None else mib << 20)
         return self._evaluator
 
     def index_picks(self, picks: dict[str, str]) -> list[int]:
@@ -417,7 +419,7 @@ def worker_command(settings: SearchSettings) -> list[str]:
                "--window": settings.window, "--calibration-tokens": settings.calibration_tokens,
                "--measure": settings.measure, "--latency-device": settings.device, "--batch": settings.batch,
                "--context": settings.context, "--threads": settings.threads, "--device": settings.model_device,
-               "--dtype": settings.model_dtype}
+               "--dtype": settings.model_dtype, "--cache-mib": settings.cache_mib}
     for flag, value in options.items():
         if value is not None:
             cmd += [flag, str(value)]
