@@ -397,7 +397,7 @@ def main() -> int:
     parser.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="eval (default 1024)")
     parser.add_argument("--eval-window", type=int, default=d.eval_window, help="eval window (default 512)")
     parser.add_argument("--search-cache-mib", type=int, default=None,
-                        help="search --cache-mib (default: the search's own, a quarter of the model's 16-bit size)")
+                        help="search --cache-mib (default: the search's own, half the model's 16-bit size)")
     args = parser.parse_args()
 
     from rich.console import Console  # noqa: PLC0415

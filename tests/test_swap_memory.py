@@ -44,11 +44,11 @@ def test_transient_entries_leave_before_the_rest():
     assert list(cache.entries) == ["stats-2"] and cache.transient == {"stats-2"}
 
 
-def test_the_default_budget_is_a_quarter_of_the_16_bit_model_within_bounds():
+def test_the_default_budget_is_half_the_16_bit_model_within_bounds():
     small, large = torch.nn.Linear(100, 100), torch.nn.Linear(65536, 65536, bias=False, device="meta")
     assert default_cache_bytes(small) == 1 << 30
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert default_cache_bytes(large) == min(65536 * 65536 // 2, ram // 4)  # 2 GiB, or what the machine allows
+    assert default_cache_bytes(large) == min(65536 * 65536, ram // 4)  # 4 GiB, or what the machine allows
 
 
 def test_tensor_bytes_counts_each_storage_once_and_skips_shared_ones():

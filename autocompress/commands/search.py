@@ -55,7 +55,7 @@ def register(verbs) -> None:
                     help="latency from the roofline only, even on the device")
     se.add_argument("--cache-mib", type=positive_int, default=None, metavar="MIB",
                     help="memory for the compressed blocks and GPTQ statistics kept between trials, in MiB "
-                         "(default: a quarter of the model's 16-bit size, at least 1024, at most a quarter of this "
+                         "(default: half the model's 16-bit size, at least 1024, at most a quarter of this "
                          "machine's memory); past it the least recently used are computed again when needed, "
                          "to the same numbers")
     se.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a spawned worker process

@@ -4,7 +4,7 @@ Each (block, option) is compressed when a trial first needs it, with
 :func:`~autocompress.compress.apply.compress_block` (a compressed copy of the original
 block, calibrated by the block's statistics on the original activations, exactly as
 ``apply`` compresses it). Compressed blocks and block statistics stay in a cache bounded in
-bytes (``max_bytes``, by default a quarter of the model's 16-bit size, see :func:`default_cache_bytes`):
+bytes (``max_bytes``, by default half the model's 16-bit size, see :func:`default_cache_bytes`):
 past it, statistics leave first, then the least recently used blocks, and both are computed
 again, to the same numbers, when a later trial needs them (GPTQ codes come back from the run's
 code cache). A trial puts the cached blocks into the model's

@@ -83,7 +83,7 @@ class SearchSettings:
     progress: bool = True
     finalize: bool = True
     threads: int | None = None
-    cache_mib: int | None = None  # memory for compressed blocks and statistics (default: a quarter of the 16-bit model)
+    cache_mib: int | None = None  # memory for compressed blocks and statistics (default: half the 16-bit model)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 # ---------------------------------------------------------------------------------------
