@@ -7,9 +7,9 @@ block, calibrated by the block's statistics on the original activations, exactly
 bytes (``max_bytes``, by default half the model's 16-bit size, see :func:`default_cache_bytes`):
 past it, statistics leave first, then the least recently used blocks, and both are computed
 again, to the same numbers, when a later trial needs them (GPTQ codes come back from the run's
-code cache). A trial puts the cached blocks into the model's
-``ModuleList``, runs one forward pass over the held-aside windows, and restores the original
-blocks, so the model is never deep-copied and a trial costs one forward pass.
+code cache). A trial puts the cached blocks into the model's ``ModuleList``, runs one forward
+pass over the held-aside windows, and restores the original blocks, so the model is never
+deep-copied and a trial costs one forward pass.
 
 The reference is the original model's next-token distribution on the same windows, computed
 once (kept in 16 bits). Wanda scores and GPTQ Hessians use each block's inputs from the
