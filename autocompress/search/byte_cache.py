@@ -12,6 +12,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ..compress.memory import dense_bytes
+
 
 def default_cache_bytes(model: nn.Module) -> int:
     """Half the model's 16-bit size (about one trial's compressed blocks at 8 bits: a smaller
@@ -21,8 +23,7 @@ def default_cache_bytes(model: nn.Module) -> int:
         ceiling = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
         ceiling = 4 << 30
-    half_16bit = sum(p.numel() for p in model.parameters())  # 2 bytes per parameter, halved
-    return min(max(half_16bit, 1 << 30), ceiling)
+    return min(max(dense_bytes(model) // 2, 1 << 30), ceiling)
 
 
 def tensor_bytes(value, shared: frozenset[int] = frozenset()) -> int:

@@ -94,11 +94,8 @@ def check_transfer(candidates: list[Schedule], model, space, rows: torch.Tensor)
     results = []
     for candidate in candidates:
         picks = schedule_picks(slots, candidate)
-        if picks is None:
-            results.append(None)
-            continue
-        measured = evaluator.measure(picks)
-        results.append({key: measured[key] for key in ("kl", "loss", "ppl")})
+        measured = None if picks is None else evaluator.measure(picks)
+        results.append(None if measured is None else {key: measured[key] for key in ("kl", "loss", "ppl")})
     return results
 
 
